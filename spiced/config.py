@@ -1,0 +1,355 @@
+"""Flags + spicepod + secrets → one frozen `RuntimeConfig`. Nothing below this module reads argv,
+YAML or the environment.
+
+Precedence (upstream): CLI file > CLI inline > spicepod file > spicepod inline, resolved separately
+for the certificate, the key and the client CA; CLI flags override the spicepod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+from . import __version__
+from .errors import ConfigError, TlsConfigError
+from .secrets import SecretResolver, SecretStoreSpec
+from .spicepod import DatasetSpec, SpicepodSpec, TlsSpec, find_spicepod, read_spicepod, validate_spicepod
+
+ClientAuthMode = Literal["none", "request", "required"]
+MaterialOrigin = Literal["cli_file", "cli_inline", "spicepod_file", "spicepod_inline"]
+FileFormat = Literal["parquet", "csv", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class MaterialSource:
+    """Where one piece of TLS material comes from: a file path (hot-reloaded) or inline PEM."""
+
+    origin: MaterialOrigin
+    path: Path | None = None
+    pem: bytes | None = field(default=None, repr=False)
+
+    @property
+    def is_file(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"file {self.path}"
+        return "inline PEM (spicepod / CLI)"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    certificate: MaterialSource
+    key: MaterialSource
+    client_auth_mode: ClientAuthMode = "none"
+    client_ca: MaterialSource | None = None
+
+    @property
+    def reloadable(self) -> bool:
+        """Upstream: reload only when both cert and key are file-backed; otherwise load everything once."""
+        return self.certificate.is_file and self.key.is_file
+
+
+@dataclass(frozen=True, slots=True)
+class Acceleration:
+    enabled: bool = True
+    engine: str = "arrow"
+    refresh_mode: Literal["full", "append"] = "full"
+    refresh_check_interval: float | None = None
+    refresh_check_interval_text: str | None = None
+    refresh_sql: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    name: str
+    from_: str
+    path: Path
+    file_format: FileFormat
+    params: Mapping[str, str] = field(default_factory=dict)
+    description: str | None = None
+    acceleration: Acceleration | None = None
+
+    @property
+    def accelerated(self) -> bool:
+        return self.acceleration is not None and self.acceleration.enabled
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class Spicepod:
+    file: Path
+    name: str
+    version: str
+    datasets: tuple[Dataset, ...]
+    views: tuple[View, ...]
+    raw: Mapping[str, object] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    spicepod: Spicepod
+    http_addr: tuple[str, int] = ("127.0.0.1", 8090)
+    flight_addr: tuple[str, int] = ("127.0.0.1", 50051)
+    metrics_addr: tuple[str, int] | None = None
+    tls: TlsSettings | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    query_timeout: float | None = None
+    pods_watcher: bool = False
+    verbosity: int = 0
+    workdir: Path = field(default_factory=Path.cwd)
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _bind_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep:
+            raise ValueError
+        ipaddress.ip_address(host)
+        number = int(port)
+        if not 0 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid socket address syntax: '{text}' (expected IP:port)") from None
+    return host, number
+
+
+def _bool_value(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    raise argparse.ArgumentTypeError(f"invalid value '{text}': expected true or false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spiced", description="Spice.ai runtime (Python).")
+    p.add_argument("path", nargs="?", help="Spicepod directory or YAML file (default: the working directory)")
+    p.add_argument("--http", type=_bind_address, metavar="BIND_ADDRESS", help="HTTP API address (127.0.0.1:8090)")
+    p.add_argument("--flight", type=_bind_address, metavar="FLIGHT_BIND_ADDRESS", help="Flight address (127.0.0.1:50051)")
+    p.add_argument("--open_telemetry", type=_bind_address, metavar="OPEN_TELEMETRY_BIND_ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--tls-enabled", type=_bool_value, metavar="<true|false>")
+    p.add_argument("--tls-certificate", metavar="PEM")
+    p.add_argument("--tls-certificate-file", metavar="PATH")
+    p.add_argument("--tls-key", metavar="PEM")
+    p.add_argument("--tls-key-file", metavar="PATH")
+    p.add_argument("--tls-client-auth-mode", choices=["none", "request", "required"])
+    p.add_argument("--tls-client-auth-ca-file", metavar="PATH")
+    p.add_argument("--tls-client-auth-ca", metavar="PEM")
+    p.add_argument("--pods-watcher-enabled", action="store_true")
+    p.add_argument("--telemetry-enabled", type=_bool_value, metavar="<true|false>")
+    p.add_argument("--set-runtime", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--very-verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"v{__version__}")
+    m = p.add_argument_group("Metrics")
+    m.add_argument("--metrics", type=_bind_address, metavar="BIND_ADDRESS", help="Enable Prometheus metrics. (disabled by default)")
+    return p
+
+
+# ---------------------------------------------------------------- spicepod → typed config
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str, key: str, file: Path) -> float:
+    parts = _DURATION.findall(text.replace(" ", ""))
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: {key}: invalid duration {text!r} (expected e.g. 10s, 500ms, 1m)")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+_EXT_FORMATS: dict[str, FileFormat] = {
+    ".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json",
+}
+
+
+def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretResolver) -> Dataset:
+    prefix = f"Failed to start Spice runtime: Unable to load spicepod {file}: datasets[{i}]"
+    source, sep, rest = d.from_.partition(":")
+    if not sep or source != "file":
+        raise ConfigError(f"{prefix}.from: unsupported source {d.from_!r} (this runtime reads `file:<path>`)")
+    if d.name.count(".") > 1:
+        catalog = d.name.split(".")[0]
+        raise ConfigError(
+            f"{prefix}.name: Dataset names should not include a catalog. Unexpected '{catalog}' in '{d.name}'. "
+            f"Remove '{catalog}' from the dataset name and try again."
+        )
+    params = {k: secrets.resolve(str(v).lower() if isinstance(v, bool) else str(v), f"datasets[{i}].params.{k}").value
+              for k, v in d.params.items()}
+    rel = rest[2:] if rest.startswith("//") else rest
+    path = Path(rel) if Path(rel).is_absolute() else workdir / rel
+    fmt_text = params.get("file_format")
+    if fmt_text is not None:
+        if fmt_text not in ("parquet", "csv", "json"):
+            raise ConfigError(f"{prefix}.params.file_format: expected parquet, csv or json (got {fmt_text!r})")
+        fmt: FileFormat = fmt_text  # type: ignore[assignment]
+    elif path.suffix.lower() in _EXT_FORMATS:
+        fmt = _EXT_FORMATS[path.suffix.lower()]
+    else:
+        raise ConfigError(f"{prefix}.params.file_format: Missing required parameter: file_format (cannot tell from {path.name!r})")
+    if not path.exists():
+        raise ConfigError(f"{prefix}.from: file not found: {path}")
+    accel = None
+    if d.acceleration is not None:
+        a = d.acceleration
+        interval = None
+        if a.refresh_check_interval:
+            interval = parse_duration(a.refresh_check_interval, f"datasets[{i}].acceleration.refresh_check_interval", file)
+        accel = Acceleration(a.enabled, a.engine, a.refresh_mode, interval, a.refresh_check_interval, a.refresh_sql)
+    return Dataset(d.name, d.from_, path, fmt, params, d.description, accel)
+
+
+def _material(
+    cli_file: str | None, cli_inline: str | None, pod_file: str | None, pod_inline: str | None,
+    key: str, secrets: SecretResolver,
+) -> MaterialSource | None:
+    if cli_file:
+        return MaterialSource("cli_file", path=Path(cli_file))
+    if cli_inline:
+        return MaterialSource("cli_inline", pem=cli_inline.encode())
+    if pod_file:
+        r = secrets.resolve(pod_file, f"runtime.tls.{key}_file")
+        if r.missing:
+            raise TlsConfigError(f"runtime.tls.{key}_file references secret '{r.missing[0]}', which resolved to nothing")
+        return MaterialSource("spicepod_file", path=Path(r.value))
+    if pod_inline:
+        r = secrets.resolve(pod_inline, f"runtime.tls.{key}")
+        if r.missing or not r.value.strip():
+            name = r.missing[0] if r.missing else pod_inline
+            raise TlsConfigError(f"runtime.tls.{key} references secret '{name}', which resolved to nothing")
+        return MaterialSource("spicepod_inline", pem=r.value.encode())
+    return None
+
+
+def tls_settings(args: argparse.Namespace, spec: TlsSpec | None, secrets: SecretResolver) -> TlsSettings | None:
+    enabled = bool(args.tls_enabled) or bool(spec and spec.enabled)
+    if not enabled:
+        return None
+    s = spec or TlsSpec(enabled=False)
+    cert = _material(args.tls_certificate_file, args.tls_certificate, s.certificate_file, s.certificate, "certificate", secrets)
+    if cert is None:
+        raise TlsConfigError(
+            "TLS certificate is required: provide --tls-certificate-file (recommended for hot-reload), "
+            "--tls-certificate (inline PEM), or runtime.tls.{certificate_file,certificate} in the spicepod"
+        )
+    key = _material(args.tls_key_file, args.tls_key, s.key_file, s.key, "key", secrets)
+    if key is None:
+        raise TlsConfigError(
+            "TLS key is required: provide --tls-key-file (recommended for hot-reload), --tls-key (inline PEM), "
+            "or runtime.tls.{key_file,key} in the spicepod"
+        )
+    mode: ClientAuthMode = args.tls_client_auth_mode or s.client_auth_mode or "none"
+    ca = _material(args.tls_client_auth_ca_file, args.tls_client_auth_ca, s.client_auth_ca_file, s.client_auth_ca,
+                   "client_auth_ca", secrets)
+    if mode == "required" and ca is None:
+        raise TlsConfigError(
+            "client_auth_mode=required requires a client CA: provide --tls-client-auth-ca-file (recommended for "
+            "hot-reload), --tls-client-auth-ca (inline PEM), or runtime.tls.{client_auth_ca_file,client_auth_ca} in the spicepod"
+        )
+    if mode == "request" and ca is None:
+        raise TlsConfigError(
+            "client_auth_mode=request requires a client CA so presented certs can be verified: provide "
+            "--tls-client-auth-ca-file, --tls-client-auth-ca, or runtime.tls.{client_auth_ca_file,client_auth_ca}"
+        )
+    if mode == "none" and ca is not None:
+        raise TlsConfigError(
+            "client_auth_mode=none must not have a client CA configured (set client_auth_mode=request or required "
+            "to enable mTLS, or remove the CA configuration)"
+        )
+    if ca is not None and not ca.is_file and cert.is_file and key.is_file:
+        raise TlsConfigError(
+            "client_auth_ca configured inline but tls.certificate_file/key_file are file-backed: this would prevent "
+            "the client CA from hot-reloading with the cert and key. Switch to tls.client_auth_ca_file so the entire "
+            "bundle rotates together, or move cert/key to inline form."
+        )
+    return TlsSettings(cert, key, mode, ca)
+
+
+def _api_keys(spec: SpicepodSpec, secrets: SecretResolver) -> tuple[str, ...]:
+    auth = spec.runtime.auth
+    if auth is None or auth.api_key is None or not auth.api_key.enabled:
+        return ()
+    keys = tuple(v for i, k in enumerate(auth.api_key.keys)
+                 if (v := secrets.resolve(k, f"runtime.auth.api-key.keys[{i}]").value))
+    if not keys:
+        raise ConfigError("Unable to configure API key auth: runtime.auth.api-key is enabled but no key resolved to a value")
+    return keys
+
+
+def _apply_set_runtime(raw: dict[str, object], items: Sequence[str]) -> None:
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("Invalid set format. Use key=value")
+        node = raw.setdefault("runtime", {})
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set-runtime {key}: runtime.{part} is not a mapping")
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set-runtime {key}: not a mapping")
+        node[parts[-1]] = value
+
+
+def load_config(argv: Sequence[str] | None = None, *, workdir: Path | None = None,
+                environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Parse flags (usage errors exit 2 via argparse) and build the runtime config (ConfigError otherwise)."""
+    args = build_parser().parse_args(argv)
+    workdir = workdir or Path.cwd()
+    file = find_spicepod(Path(args.path) if args.path else workdir)
+    raw = read_spicepod(file)
+    _apply_set_runtime(raw, args.set_runtime)
+    spec = validate_spicepod(file, raw)
+    secrets = SecretResolver([SecretStoreSpec(s.name, s.from_.split(":")[0], {k: str(v) for k, v in s.params.items()})
+                              for s in spec.secrets], workdir, environ)
+    datasets = tuple(_dataset(i, d, file, workdir, secrets) for i, d in enumerate(spec.datasets))
+    views: list[View] = []
+    for i, v in enumerate(spec.views):
+        sql = v.sql
+        if sql is None and v.sql_ref:
+            try:
+                sql = (file.parent / v.sql_ref).read_text()
+            except OSError as e:
+                raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].sql_ref: {e}") from None
+        if not sql:
+            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].sql: missing required field")
+        if v.name.lower() in {d.name.lower() for d in datasets}:
+            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].name: view '{v.name}' collides with a dataset")
+        views.append(View(v.name, sql))
+    timeout = None
+    if spec.runtime.query and spec.runtime.query.timeout:
+        timeout = parse_duration(spec.runtime.query.timeout, "runtime.query.timeout", file)
+    pod = Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw)
+    return RuntimeConfig(
+        spicepod=pod,
+        http_addr=args.http or ("127.0.0.1", 8090),
+        flight_addr=args.flight or ("127.0.0.1", 50051),
+        metrics_addr=args.metrics,
+        tls=tls_settings(args, spec.runtime.tls, secrets),
+        api_keys=_api_keys(spec, secrets),
+        query_timeout=timeout,
+        pods_watcher=args.pods_watcher_enabled,
+        verbosity=2 if args.very_verbose else args.verbose,
+        workdir=workdir,
+    )
+
+
+def env_log_filter() -> str | None:
+    return os.environ.get("SPICED_LOG")

@@ -1,0 +1,244 @@
+"""The SQL engine: one DataFusion session holding the spicepod's datasets and views.
+
+Read-only by construction (DDL, DML and statements are refused by DataFusion's SQLOptions);
+results leave as Arrow record-batch streams, never as one collected Python object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import pyarrow as pa
+from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
+
+from .config import Dataset, Spicepod
+from .errors import QueryError
+from .metrics import Metrics
+
+log = logging.getLogger("runtime")
+refresh_log = logging.getLogger("runtime.accelerated_table.refresh_task")
+
+DatasetStatus = Literal["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]
+_STATE_CODES = {"Initializing": 0, "Ready": 1, "Disabled": 2, "Error": 3, "Refreshing": 4, "ShuttingDown": 5}
+_READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
+
+
+def engine_message(e: BaseException) -> str:
+    """DataFusion's text without the Python binding's `DataFusion error: ` wrapper."""
+    text = str(e)
+    return text.removeprefix("DataFusion error: ")
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    """Upstream's humantime style: `6s 812ms`, `1m 3s`, `45ms`."""
+    ms = int(round(seconds * 1000))
+    parts = []
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    return " ".join(parts) or "0ms"
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetState:
+    dataset: Dataset
+    status: DatasetStatus
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, spicepod: Spicepod, metrics: Metrics) -> None:
+        config = (SessionConfig()
+                  .with_default_catalog_and_schema("spice", "public")
+                  .with_create_default_catalog_and_schema(True)
+                  .with_information_schema(True))
+        self.ctx = SessionContext(config)
+        self.spicepod = spicepod
+        self.metrics = metrics
+        self._states: dict[str, DatasetState] = {}
+        self._lock = threading.Lock()
+        self._refresh_tasks: list[asyncio.Task[None]] = []
+
+    # -------------------------------------------------------------- datasets
+
+    def _set_state(self, ds: Dataset, status: DatasetStatus, error: str | None = None) -> None:
+        with self._lock:
+            self._states[ds.name] = DatasetState(ds, status, error)
+        self.metrics.dataset_load_state.set(_STATE_CODES[status], {"dataset": ds.name})
+
+    def states(self) -> list[DatasetState]:
+        with self._lock:
+            return [self._states[d.name] for d in self.spicepod.datasets if d.name in self._states]
+
+    def ready(self) -> bool:
+        """Ready once every dataset has loaded (a failed dataset never becomes ready)."""
+        with self._lock:
+            return all(self._states.get(d.name, None) is not None and self._states[d.name].status in ("Ready", "Refreshing")
+                       for d in self.spicepod.datasets)
+
+    def _read(self, ds: Dataset) -> DataFrame:
+        path = str(ds.path)
+        if ds.file_format == "parquet":
+            return self.ctx.read_parquet(path)
+        if ds.file_format == "csv":
+            p = ds.params
+            return self.ctx.read_csv(
+                path,
+                has_header=p.get("csv_has_header", "true").lower() == "true",
+                delimiter=p.get("csv_delimiter", ","),
+                schema_infer_max_records=int(p.get("csv_schema_infer_max_records", "1000")),
+                file_extension=ds.path.suffix or ".csv",
+            )
+        return self.ctx.read_json(path, file_extension=ds.path.suffix or ".json")
+
+    def _register_source(self, ds: Dataset) -> None:
+        """Non-accelerated: the table reads the file on every query."""
+        path, p = str(ds.path), ds.params
+        if ds.file_format == "parquet":
+            self.ctx.register_parquet(ds.name, path)
+        elif ds.file_format == "csv":
+            self.ctx.register_csv(
+                ds.name, path,
+                has_header=p.get("csv_has_header", "true").lower() == "true",
+                delimiter=p.get("csv_delimiter", ","),
+                schema_infer_max_records=int(p.get("csv_schema_infer_max_records", "1000")),
+                file_extension=ds.path.suffix or ".csv",
+            )
+        else:
+            self.ctx.register_json(ds.name, path, file_extension=ds.path.suffix or ".json")
+
+    def _load_accelerated(self, ds: Dataset) -> pa.Table:
+        table = self._read(ds).to_arrow_table()
+        if self.ctx.table_exist(ds.name):
+            self.ctx.deregister_table(ds.name)
+        self.ctx.register_record_batches(ds.name, [table.to_batches()] or [[]])
+        return table
+
+    def register_all(self) -> None:
+        """Register every dataset and view, and log the registration lines; loading happens in `load_all`."""
+        for ds in self.spicepod.datasets:
+            self._set_state(ds, "Initializing")
+            accel = ""
+            if ds.accelerated and ds.acceleration:
+                a = ds.acceleration
+                extras = ["arrow"]
+                if a.refresh_mode == "append":
+                    extras.append("append")
+                if a.refresh_check_interval_text:
+                    extras.append(f"{a.refresh_check_interval_text} refresh")
+                accel = f", acceleration ({', '.join(extras)})"
+            log.info("Dataset %s registered (%s)%s.", ds.name, ds.from_, accel)
+            self.metrics.dataset_active.add(1, {"engine": "arrow" if ds.accelerated else "none"})
+
+    def load_one(self, ds: Dataset, *, refresh: bool = False) -> None:
+        started = time.monotonic()
+        try:
+            if ds.accelerated:
+                if refresh:
+                    self._set_state(ds, "Refreshing")
+                refresh_log.info("Loading data for dataset %s", ds.name)
+                table = self._load_accelerated(ds)
+                refresh_log.info("Loaded %s rows (%s) for dataset %s in %s.", f"{table.num_rows:,}",
+                                 format_size(table.nbytes), ds.name, format_duration(time.monotonic() - started))
+            else:
+                self._register_source(ds)
+            self._set_state(ds, "Ready")
+        except Exception as e:  # a broken file must not stop the runtime; the dataset reports Error
+            message = engine_message(e)
+            log.error("Failed to load dataset %s: %s", ds.name, message)
+            self.metrics.dataset_load_errors.add(1, {"dataset": ds.name})
+            self._set_state(ds, "Error", message)
+
+    def register_views(self) -> None:
+        for v in self.spicepod.views:
+            try:
+                self.ctx.register_view(v.name, self.ctx.sql_with_options(v.sql, _READ_ONLY))
+                log.info("View %s registered.", v.name)
+            except Exception as e:
+                log.error("Failed to register view %s: %s", v.name, engine_message(e))
+
+    async def load_all(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(self.load_one, ds) for ds in self.spicepod.datasets))
+        await asyncio.to_thread(self.register_views)
+        for ds in self.spicepod.datasets:
+            a = ds.acceleration
+            if ds.accelerated and a is not None and a.refresh_check_interval:
+                self._refresh_tasks.append(asyncio.create_task(self._refresh_loop(ds, a.refresh_check_interval)))
+
+    async def _refresh_loop(self, ds: Dataset, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.load_one, ds, refresh=True)
+
+    async def refresh(self, ds: Dataset) -> None:
+        await asyncio.to_thread(self.load_one, ds, refresh=True)
+
+    def stop(self) -> None:
+        for t in self._refresh_tasks:
+            t.cancel()
+
+    # -------------------------------------------------------------- queries
+
+    def plan(self, sql: str) -> DataFrame:
+        """Plan one read-only statement; planning errors become QueryError with DataFusion's text."""
+        try:
+            return self.ctx.sql_with_options(sql, _READ_ONLY)
+        except Exception as e:
+            raise QueryError(engine_message(e)) from None
+
+    def schema(self, sql: str) -> pa.Schema:
+        return self.plan(sql).schema()
+
+    def execute(self, sql: str) -> "QueryStream":
+        """Plan and start executing; errors raised before the first batch are QueryErrors."""
+        df = self.plan(sql)
+        try:
+            stream = df.execute_stream()
+        except Exception as e:
+            raise QueryError(engine_message(e)) from None
+        return QueryStream(df.schema(), stream)
+
+    def table_schema(self, name: str) -> pa.Schema | None:
+        try:
+            return self.ctx.table(name).schema()
+        except Exception:
+            return None
+
+
+class QueryStream:
+    """A running query: its schema and an iterator of record batches (errors mid-stream are QueryErrors)."""
+
+    def __init__(self, schema: pa.Schema, stream: object) -> None:
+        self.schema = schema
+        self._stream = stream
+        self.rows = 0
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        it = iter(self._stream)  # type: ignore[call-overload]
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise QueryError(engine_message(e)) from None
+            rb = batch.to_pyarrow()
+            self.rows += rb.num_rows
+            yield rb
+
+    def reader(self) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(self.schema, iter(self))

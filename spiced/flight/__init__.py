@@ -1,0 +1,1 @@
+"""Arrow Flight / Flight SQL service and the TLS front that terminates TLS in front of it."""

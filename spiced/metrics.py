@@ -1,0 +1,60 @@
+"""One OpenTelemetry MeterProvider, the runtime's instruments, and their Prometheus exposition.
+
+Names follow upstream exactly: no unit suffixes (units would be appended to the name), no
+`target_info`, no `otel_scope_*` labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    body: bytes
+    content_type: str
+
+
+class Metrics:
+    """Every instrument the runtime records, on a private registry (tests can run several runtimes)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=self.registry)
+        ms_view = View(instrument_name="*_ms", aggregation=ExplicitBucketHistogramAggregation(MS_BUCKETS))
+        self.provider = MeterProvider(metric_readers=[reader], views=[ms_view])
+        m = self.provider.get_meter("spiced_runtime")
+        self.tls_reload = m.create_counter(
+            "runtime_tls_reload_total", description="Total TLS material reload attempts, labeled by scope and result.")
+        self.http_server_started = m.create_counter("runtime_http_server_started", description="HTTP server starts.")
+        self.flight_server_started = m.create_counter("runtime_flight_server_started", description="Flight server starts.")
+        self.http_requests = m.create_counter("http_requests", description="HTTP requests served.")
+        self.http_duration = m.create_histogram("http_requests_duration_ms", description="HTTP request duration in milliseconds.")
+        self.flight_requests = m.create_counter("flight_requests", description="Flight requests served.")
+        self.flight_duration = m.create_histogram("flight_request_duration_ms", description="Flight request duration in milliseconds.")
+        self.query_executions = m.create_counter("query_executions", description="Queries executed.")
+        self.query_failures = m.create_counter("query_failures", description="Queries that failed.")
+        self.query_duration = m.create_histogram("query_duration_ms", description="Query duration, planning to last batch, in milliseconds.")
+        self.query_execution_duration = m.create_histogram("query_execution_duration_ms", description="Query execution time in milliseconds.")
+        self.query_active = m.create_up_down_counter("query_active_count", description="Queries running now.")
+        self.query_returned_rows = m.create_counter("query_returned_rows", description="Rows returned by queries.")
+        self.dataset_load_state = m.create_gauge("dataset_load_state", description="0 Initializing, 1 Ready, 2 Disabled, 3 Error, 4 Refreshing, 5 ShuttingDown.")
+        self.dataset_active = m.create_up_down_counter("dataset_active_count", description="Datasets registered, by engine.")
+        self.dataset_load_errors = m.create_counter("dataset_load_errors", description="Dataset load failures.")
+        self.client_cert_requests = m.create_counter(
+            "client_cert_requests", description="Requests that presented a verified client certificate.")
+        self.anonymous_requests = m.create_counter(
+            "client_cert_absent_requests", description="Requests without a client certificate.")
+
+    def exposition(self) -> Exposition:
+        return Exposition(generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()

@@ -1,0 +1,193 @@
+"""The spicepod.yaml schema: YAML in, validated models out, errors naming the key path.
+
+Strict sections (`runtime.tls`, `runtime.auth`, each dataset, `acceleration`, views) reject
+unknown keys; unknown top-level keys are ignored, as upstream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class TlsSpec(_Strict):
+    enabled: bool
+    certificate_file: Optional[str] = None
+    key_file: Optional[str] = None
+    certificate: Optional[str] = None
+    key: Optional[str] = None
+    client_auth_mode: Optional[Literal["none", "request", "required"]] = None
+    client_auth_ca_file: Optional[str] = None
+    client_auth_ca: Optional[str] = None
+
+
+class ApiKeySpec(_Strict):
+    enabled: bool = True
+    keys: list[str] = Field(default_factory=list)
+
+
+class AuthSpec(_Strict):
+    api_key: Optional[ApiKeySpec] = Field(default=None, alias="api-key")
+
+
+class QuerySpec(_Loose):
+    timeout: Optional[str] = None
+
+
+class TaskHistorySpec(_Strict):
+    enabled: bool = True
+    captured_output: Optional[str] = None
+    retention_period: Optional[str] = None
+    retention_check_interval: Optional[str] = None
+
+
+class RuntimeSpec(_Loose):
+    tls: Optional[TlsSpec] = None
+    auth: Optional[AuthSpec] = None
+    query: Optional[QuerySpec] = None
+    task_history: Optional[TaskHistorySpec] = None
+
+
+class SecretSpec(_Strict):
+    from_: str = Field(alias="from")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AccelerationSpec(_Strict):
+    enabled: bool = True
+    engine: str = "arrow"
+    mode: Literal["memory"] = "memory"
+    refresh_mode: Literal["full", "append"] = "full"
+    refresh_check_interval: Optional[str] = None
+    refresh_sql: Optional[str] = None
+    refresh_data_window: Optional[str] = None
+    on_zero_results: Literal["return_empty", "use_source"] = "return_empty"
+    params: dict[str, Any] = Field(default_factory=dict)
+    indexes: Optional[dict[str, Any]] = None
+    primary_key: Optional[str] = None
+    on_conflict: Optional[dict[str, Any]] = None
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v.lower() != "arrow":
+            raise ValueError(
+                f"The accelerator engine {v} is not available. Valid engines are arrow, duckdb, sqlite, and postgres."
+                " (this runtime implements arrow)"
+            )
+        return v.lower()
+
+
+class DatasetSpec(_Strict):
+    from_: str = Field(alias="from")
+    name: str
+    description: Optional[str] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    acceleration: Optional[AccelerationSpec] = None
+    metadata: Optional[dict[str, Any]] = None
+    dependsOn: Optional[list[str]] = None
+    time_column: Optional[str] = None
+    time_format: Optional[str] = None
+
+
+class ViewSpec(_Strict):
+    name: str
+    sql: Optional[str] = None
+    sql_ref: Optional[str] = None
+    description: Optional[str] = None
+
+
+class SpicepodSpec(_Loose):
+    version: Literal["v1", "v1beta1"]
+    kind: Literal["Spicepod"]
+    name: str
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    secrets: list[SecretSpec] = Field(default_factory=list)
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    views: list[ViewSpec] = Field(default_factory=list)
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + {"from_": "from"}.get(str(part), str(part))
+    return out or "<root>"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "missing required field"
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    return f"{err['msg'][0].lower()}{err['msg'][1:]} (got {shown})"
+
+
+def find_spicepod(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("spicepod.yaml", "spicepod.yml"):
+        if (path / name).is_file():
+            return path / name
+    raise ConfigError(
+        f"Failed to start Spice runtime: Unable to load spicepod {path}: spicepod.yaml not found in {path}, "
+        "run `spice init <name>` to initialize spicepod.yaml"
+    )
+
+
+def _prefix(file: Path) -> str:
+    return f"Failed to start Spice runtime: Unable to load spicepod {file}"
+
+
+def read_spicepod(file: Path) -> dict[str, Any]:
+    """Read one spicepod file into a mapping (YAML errors name line and column)."""
+    prefix = _prefix(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: {detail}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: expected a mapping at the top level")
+    return raw
+
+
+def validate_spicepod(file: Path, raw: dict[str, Any]) -> SpicepodSpec:
+    """Validate a spicepod mapping; the first problem becomes one line naming the key path."""
+    prefix = _prefix(file)
+    try:
+        spec = SpicepodSpec.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{prefix}: {key_path(first['loc'])}: {_describe(dict(first))}{more}") from None
+    names = [d.name.lower() for d in spec.datasets]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"{prefix}: Unable to load duplicate spicepod dataset component '{spec.datasets[i].name}'")
+    return spec

@@ -1,0 +1,39 @@
+"""What request handlers may read about the running runtime (shared by HTTP and Flight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from .auth import ApiKeys
+from .config import RuntimeConfig
+from .engine import Engine
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .tls.manager import TlsManager
+
+ListenerStatus = Literal["Initializing", "Ready", "Disabled", "Error"]
+
+
+@dataclass
+class Endpoint:
+    name: Literal["http", "flight", "metrics"]
+    address: str | None = None  # "host:port" actually bound; None when disabled
+    status: ListenerStatus = "Disabled"
+
+
+@dataclass
+class RuntimeState:
+    config: RuntimeConfig
+    engine: Engine
+    metrics: Metrics
+    api_keys: ApiKeys
+    tls: "TlsManager | None" = None
+    endpoints: dict[str, Endpoint] = field(default_factory=lambda: {
+        n: Endpoint(n) for n in ("http", "flight", "metrics")  # type: ignore[arg-type]
+    })
+
+    @property
+    def client_auth_mode(self) -> str:
+        return self.tls.client_auth_mode if self.tls is not None else "none"

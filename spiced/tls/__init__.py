@@ -1,0 +1,1 @@
+"""One TLS manager for every listener: material loading and validation, atomic swaps, file watching."""
