@@ -308,10 +308,15 @@ def _apply_set_runtime(raw: dict[str, object], items: Sequence[str]) -> None:
         node[parts[-1]] = value
 
 
-def load_config(argv: Sequence[str] | None = None, *, workdir: Path | None = None,
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse spiced's flags; usage errors exit 2 (argparse), as upstream's clap does."""
+    return build_parser().parse_args(argv)
+
+
+def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workdir: Path | None = None,
                 environ: Mapping[str, str] | None = None) -> RuntimeConfig:
-    """Parse flags (usage errors exit 2 via argparse) and build the runtime config (ConfigError otherwise)."""
-    args = build_parser().parse_args(argv)
+    """Build the runtime config from flags, the spicepod and secrets (ConfigError when it cannot run)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     workdir = workdir or Path.cwd()
     file = find_spicepod(Path(args.path) if args.path else workdir)
     raw = read_spicepod(file)

@@ -115,7 +115,7 @@ class Runtime:
     def metrics_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.addresses['metrics']}"
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

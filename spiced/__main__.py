@@ -1,0 +1,34 @@
+"""`spiced` entry point: flags → config → runtime, and the exit codes of §2.4."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Sequence
+
+from . import logs
+from .config import load_config, parse_args
+from .errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure(verbosity=2 if args.very_verbose else args.verbose, env_filter=os.environ.get("SPICED_LOG"))
+    if args.open_telemetry is not None:
+        logging.getLogger("spiced").warning(
+            "`--open_telemetry` is deprecated and has no effect; it will be removed in a future version")
+    try:
+        config = load_config(args)
+        from .runtime import Runtime
+
+        return Runtime(config).run()
+    except ConfigError as e:
+        print(f"Spice Runtime error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

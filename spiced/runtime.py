@@ -1,0 +1,207 @@
+"""Start order, signals, readiness and bounded shutdown: the one owner of the process lifecycle.
+
+Order (reference §4.2): config is already valid → TLS material → bind every socket → serve →
+load datasets in the background. SIGINT/SIGTERM drain (bounded) and exit 0; a second one forces
+exit. SIGHUP reloads file-backed TLS material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Awaitable
+
+from .auth import ApiKeys
+from .config import RuntimeConfig
+from .engine import Engine
+from .errors import ConfigError
+from .listeners import bind_tcp, display_address
+from .metrics import Metrics
+from .state import RuntimeState
+
+log = logging.getLogger("runtime")
+spiced_log = logging.getLogger("spiced")
+DRAIN_SECONDS = 10.0
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._stop = asyncio.Event()
+        self._http_shutdown = asyncio.Event()
+        self._sockets: dict[str, socket.socket] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._flight: Any = None
+        self._front: Any = None
+        self._private_dir: Path | None = None
+
+    # ------------------------------------------------------------------ entry
+
+    def run(self) -> int:
+        tls = None
+        if self.config.tls is not None:
+            from .tls.manager import TlsManager
+
+            tls = TlsManager.create(self.config.tls, self.metrics)  # raises TlsConfigError → exit 1
+        self._bind_all()
+        engine = Engine(self.config.spicepod, self.metrics)
+        self.state = RuntimeState(self.config, engine, self.metrics, ApiKeys(self.config.api_keys), tls)
+        try:
+            return asyncio.run(self._serve())
+        finally:
+            self._cleanup()
+
+    def _bind_all(self) -> None:
+        try:
+            self._sockets["http"] = bind_tcp("http", self.config.http_addr)
+            if self.config.tls is not None:
+                self._sockets["flight"] = bind_tcp("flight", self.config.flight_addr)
+            if self.config.metrics_addr is not None:
+                self._sockets["metrics"] = bind_tcp("metrics", self.config.metrics_addr)
+        except ConfigError:
+            self._cleanup()
+            raise
+
+    def _cleanup(self) -> None:
+        for sock in self._sockets.values():
+            with suppress(OSError):
+                sock.close()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ serving
+
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        state, tls = self.state, self.state.tls
+        state.engine.register_all()
+
+        from .http.app import create_app, create_metrics_app
+        from .http.server import serve
+
+        self._start_flight()
+        http_sock = self._sockets["http"]
+        self._tasks.append(asyncio.create_task(self._guard("http", serve(
+            create_app(state), http_sock, tls.listener_context("http") if tls else None, self._http_shutdown,
+            graceful_timeout=DRAIN_SECONDS))))
+        self._listening("http", display_address(http_sock), "runtime.http", "HTTP")
+        self.metrics.http_server_started.add(1)
+        if "metrics" in self._sockets:
+            msock = self._sockets["metrics"]
+            self._tasks.append(asyncio.create_task(self._guard("metrics", serve(
+                create_metrics_app(state), msock, tls.listener_context("metrics") if tls else None,
+                self._http_shutdown, graceful_timeout=DRAIN_SECONDS))))
+            self._listening("metrics", display_address(msock), "runtime.metrics_server", "Metrics")
+        if tls is not None:
+            tls.log_startup()
+            if self.config.tls is not None and self.config.tls.reloadable:
+                self._tasks.append(asyncio.create_task(tls.watch(self._stop)))
+        if state.api_keys.enabled and state.client_auth_mode == "required":
+            log.info("mTLS-as-channel mode active: client cert AND `runtime.auth` credentials are both required")
+
+        self._tasks.append(asyncio.create_task(state.engine.load_all()))
+        await self._stop.wait()
+        await self._drain()
+        log.info("Goodbye!")
+        return 0
+
+    def _listening(self, name: str, address: str, logger: str, label: str) -> None:
+        endpoint = self.state.endpoints[name]
+        endpoint.address, endpoint.status = address, "Ready"
+        logging.getLogger(logger).info("Spice Runtime %s listening on %s", label, address)
+
+    async def _guard(self, name: str, work: Awaitable[None]) -> None:
+        """A listener that dies stops the runtime instead of leaving a half-served process."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("%s listener failed: %s", name, e)
+            self.state.endpoints[name].status = "Error"
+            self._stop.set()
+
+    def _start_flight(self) -> None:
+        from .flight.service import SpiceFlightServer
+
+        state, tls = self.state, self.state.tls
+        if tls is None:
+            host, port = self.config.flight_addr
+            try:
+                self._flight = SpiceFlightServer(f"grpc://{host}:{port}", state)
+            except Exception as e:
+                raise ConfigError(
+                    f"Unable to start Spice Runtime servers: Unable to start Flight server: {e}") from None
+            address = f"{host}:{self._flight.port}"
+        else:
+            from .flight.front import FlightTlsFront
+
+            self._private_dir = Path(tempfile.mkdtemp(prefix="spiced-"))
+            os.chmod(self._private_dir, 0o700)
+            backend = str(self._private_dir / "flight.sock")
+            front_holder: list[Any] = []
+            self._flight = SpiceFlightServer(
+                f"grpc+unix://{backend}", state,
+                identities=lambda peer: front_holder[0].identity_for(peer) if front_holder else None)
+            self._front = FlightTlsFront(self._sockets["flight"], backend, tls.listener_context("flight"))
+            front_holder.append(self._front)
+            self._front.start()
+            address = display_address(self._sockets["flight"])
+        self._listening("flight", address, "runtime.flight", "Flight")
+        self.metrics.flight_server_started.add(1)
+
+    # ------------------------------------------------------------------ signals and shutdown
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_stop() -> None:
+            if self._stop.is_set():
+                spiced_log.warning("Second signal received, exiting now")
+                os._exit(0)
+            self._stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        tls = self.state.tls
+        if tls is None or self.config.tls is None or not self.config.tls.reloadable:
+            return
+        spiced_log.info("TLS reload: SIGHUP received, reloading TLS material")
+        tls.reload_all("sighup")
+
+    async def _drain(self) -> None:
+        """Stop accepting everywhere, let in-flight requests and streams finish within DRAIN_SECONDS."""
+        self._http_shutdown.set()
+        self.state.engine.stop()
+        flight_done = asyncio.create_task(self._stop_flight())
+        listeners = [t for t in self._tasks if not t.done()]
+        done, pending = await asyncio.wait([flight_done, *listeners], timeout=DRAIN_SECONDS + 1)
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _stop_flight(self) -> None:
+        # The front stops accepting at once and keeps open connections until their streams end;
+        # gRPC's Shutdown waits for running calls. Both block, so they run in threads under the bound.
+        stoppers = []
+        if self._front is not None:
+            stoppers.append(threading.Thread(target=self._front.stop, args=(DRAIN_SECONDS,), daemon=True))
+        if self._flight is not None:
+            stoppers.append(threading.Thread(target=self._flight.shutdown, daemon=True))
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            await asyncio.to_thread(t.join, DRAIN_SECONDS)
