@@ -35,7 +35,7 @@ soak: install load-tools
 # Regenerate the Flight SQL protobuf module from our own message definitions.
 proto: install
 	$(BIN)/python -m pip install --quiet grpcio-tools
-	$(BIN)/python -m grpc_tools.protoc -Ispiced/flight --python_out=spiced/flight spiced/flight/flight_sql.proto
+	$(BIN)/python -m grpc_tools.protoc -Ispiced/flight --python_out=spiced/flight --pyi_out=spiced/flight spiced/flight/flight_sql.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

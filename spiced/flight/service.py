@@ -1,0 +1,320 @@
+"""The Arrow Flight / Flight SQL service: every Flight RPC of the runtime, from ticket or descriptor
+to an engine call and back to a streamed Arrow answer, with the error codes and metrics of upstream.
+
+Authentication and the per-call record are in `peers`, Flight SQL decoding and metadata in `sql`,
+and the error-carrying batch streams in `stream`. TLS is terminated in front of this server.
+
+Error codes. pyarrow appends the handler's Python traceback to the status message of any exception
+other than its Flight error classes, and those classes cover only UNKNOWN, INTERNAL, UNAUTHENTICATED,
+PERMISSION_DENIED, UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED. A DoGet stream, though, can fail
+with any code and a clean message (`stream.failing_reader`). So:
+- SQL the client got wrong (planning errors, undecodable SQL or handle) is reported by DoGet:
+  GetFlightInfo answers such a query with an empty schema and the usual ticket, and DoGet fails
+  with INVALID_ARGUMENT and the bare DataFusion message for Flight SQL commands, and with INTERNAL
+  `Failed to execute query: <full error>` for raw SQL tickets (what upstream's DoGet sends; its
+  raw-SQL GetFlightInfo does not plan at all). Errors mid-stream are INVALID_ARGUMENT.
+- Other refusals of unary calls that upstream sends as INVALID_ARGUMENT / UNIMPLEMENTED / NOT_FOUND
+  (unknown command or action, ListFlights, bad SQL in CreatePreparedStatement) go out as UNKNOWN
+  (`FlightServerError`) with the same clean message (see `_Refusal`).
+- GetSchema is the exception: pyarrow 26 has no Flight-error path there at all, so it sends the
+  exact code and pyarrow's traceback comes with it.
+- INTERNAL, DEADLINE_EXCEEDED and UNAUTHENTICATED are exact everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from google.protobuf.message import Message
+
+from ..errors import QueryError
+from ..state import RuntimeState
+from . import flight_sql_pb2 as pb
+from . import sql
+from . import stream as streams
+from .peers import MIDDLEWARE_KEY, CallMiddlewareFactory, CallRecord, HandshakeAuth, IdentityLookup, no_identity
+
+NOT_IMPLEMENTED = "Not yet implemented"
+RefusalCode = Literal["invalid_argument", "unimplemented", "not_found"]
+# DataFusion error kinds that are the client's fault (upstream: plan, execution, schema, parser).
+_CLIENT_ERRORS = ("Error during planning: ", "Execution error: ", "Schema error: ", "SQL error: ",
+                  "This feature is not implemented: ")
+_BARE = ("Error during planning: ", "Execution error: ", "External error: ")
+
+
+def _bare(message: str) -> str:
+    for prefix in _BARE:
+        message = message.removeprefix(prefix)
+    return message
+
+
+class _Refusal(flight.FlightServerError):
+    """A unary call refused for the client's reason; `code` is what upstream sends.
+
+    Raised as a Flight error it goes out as UNKNOWN with a clean message: pyarrow can send
+    INVALID_ARGUMENT / UNIMPLEMENTED / NOT_FOUND from a unary handler only with a traceback attached.
+    """
+
+    def __init__(self, message: str, code: RefusalCode = "invalid_argument") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code: RefusalCode = code
+
+    def with_exact_code(self) -> Exception:
+        """The pyarrow exception that carries `code` (and, unavoidably, a traceback)."""
+        return _EXACT[self.code](self.message)
+
+
+_EXACT: dict[RefusalCode, type[Exception]] = {
+    "invalid_argument": pa.ArrowInvalid, "unimplemented": pa.ArrowNotImplementedError, "not_found": pa.ArrowKeyError}
+
+
+def _planning_error(e: QueryError) -> flight.FlightError:
+    text = str(e)
+    if e.kind == "timeout":
+        return flight.FlightTimedOutError(text)
+    if e.kind == "internal" or not text.startswith(_CLIENT_ERRORS):
+        return flight.FlightInternalError(text)
+    return _Refusal(_bare(text))
+
+
+def _decode_sql(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Refusal(f"{what}: {e}") from None
+
+
+class _QueryMetrics:
+    """query_* instruments for one query; `finish` records once, whichever way the query ends."""
+
+    def __init__(self, state: RuntimeState, protocol: str) -> None:
+        self._m = state.metrics
+        self._labels = {"protocol": protocol}
+        self._started = time.perf_counter()
+        self._executing: float | None = None
+        self._done = False
+        self._m.query_active.add(1, self._labels)
+
+    def executing(self) -> None:
+        self._executing = time.perf_counter()
+
+    def finish(self, rows: int, err_code: str | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        now = time.perf_counter()
+        self._m.query_active.add(-1, self._labels)
+        self._m.query_executions.add(1, self._labels)
+        if err_code is not None:
+            self._m.query_failures.add(1, {**self._labels, "err_code": err_code})
+        self._m.query_duration.record((now - self._started) * 1000, self._labels)
+        if self._executing is not None:
+            self._m.query_execution_duration.record((now - self._executing) * 1000, self._labels)
+        if rows:
+            self._m.query_returned_rows.add(rows)
+
+
+class SpiceFlightServer(flight.FlightServerBase):
+    """Flight and Flight SQL over the runtime's engine.
+
+    `location` is `grpc://127.0.0.1:0` (plaintext; `port` is the bound port) or
+    `grpc+unix:///path/flight.sock` (behind the TLS front). `identities(context.peer())` gives the
+    verified client certificate of a connection, when the TLS front knows one. Serving starts here;
+    the runtime calls `shutdown()` and `wait()`.
+    """
+
+    def __init__(self, location: str, state: RuntimeState, identities: IdentityLookup = no_identity) -> None:
+        self.state = state
+        self._identities = identities
+        super().__init__(location, auth_handler=HandshakeAuth(),
+                         middleware={MIDDLEWARE_KEY: CallMiddlewareFactory(state.api_keys, state.metrics)})
+
+    # ------------------------------------------------------------ per call
+
+    def _begin(self, context: flight.ServerCallContext, command: str | None = None) -> CallRecord | None:
+        """Stamp the command and the client identity onto this call's record; count TLS requests."""
+        record = CallRecord.of(context)
+        identity = self._identities(context.peer())
+        if self.state.tls is not None:
+            counter = self.state.metrics.client_cert_requests if identity else self.state.metrics.anonymous_requests
+            counter.add(1)
+        if record is not None:
+            record.command = command
+            record.identity = identity
+            record.peer = context.peer()
+        return record
+
+    # ------------------------------------------------------------ queries
+
+    def _plan_schema(self, sql_text: str) -> pa.Schema:
+        try:
+            return self.state.engine.schema(sql_text)
+        except QueryError as e:
+            raise _planning_error(e) from None
+
+    def _query_info(self, descriptor: flight.FlightDescriptor, data: bytes, ticket: bytes) -> flight.FlightInfo:
+        """Plan only. The client's own mistakes are left for DoGet to report (module docstring)."""
+        schema = pa.schema([])
+        try:
+            schema = self._plan_schema(data.decode("utf-8"))
+        except (UnicodeDecodeError, _Refusal):
+            pass
+        return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+
+    def _stream_query(self, sql_text: str, protocol: Literal["flight", "flightsql"]) -> flight.RecordBatchStream:
+        query = _QueryMetrics(self.state, protocol)
+        try:
+            result = self.state.engine.execute(sql_text)
+        except QueryError as e:
+            query.finish(0, "QueryPlanningError")
+            error = _planning_error(e)
+            if protocol == "flightsql" and isinstance(error, _Refusal):
+                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", error.message))
+            raise flight.FlightInternalError(f"Failed to execute query: {e}") from None
+        query.executing()
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            outcome = "Cancelled"  # the client went away before the end
+            try:
+                yield from result
+                outcome = "ok"
+            except QueryError as e:
+                outcome = "QueryExecutionError"
+                raise streams.StreamError("invalid_argument", _bare(str(e))) from None
+            finally:
+                query.finish(result.rows, None if outcome == "ok" else outcome)
+
+        return flight.RecordBatchStream(streams.reader(result.schema, batches()))
+
+    # ------------------------------------------------------------ RPCs
+
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        command = sql.parse_command(descriptor.command)
+        if isinstance(command, sql.RawSql):
+            self._begin(context)
+            return self._query_info(descriptor, command.data, command.data)
+        if isinstance(command, sql.UnknownCommand):
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        self._begin(context, sql.command_label(command))
+        ticket = sql.pack(command)  # stateless: the ticket is the command itself
+        if isinstance(command, pb.CommandStatementQuery):
+            return self._query_info(descriptor, command.query.encode(), ticket)
+        if isinstance(command, pb.CommandPreparedStatementQuery):
+            return self._query_info(descriptor, command.prepared_statement_handle, ticket)
+        if sql.is_metadata(command):
+            return flight.FlightInfo(sql.result_schema(command), descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+
+    def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        try:
+            return self._get_schema(context, descriptor)
+        except _Refusal as e:
+            # pyarrow 26's GetSchema callback has no Flight-error path (every exception gets a
+            # traceback), so at least send the exact code.
+            raise e.with_exact_code() from None
+
+    def _get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            self._begin(context)
+            name = ".".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in descriptor.path)
+            schema = self.state.engine.table_schema(name)
+            if schema is None:
+                raise _Refusal("Table not found", "not_found")
+            return flight.SchemaResult(schema)
+        command = sql.parse_command(descriptor.command)
+        if isinstance(command, sql.RawSql):
+            self._begin(context)
+            return flight.SchemaResult(self._plan_schema(_decode_sql(command.data, "Invalid command")))
+        if isinstance(command, sql.UnknownCommand):
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        self._begin(context, sql.command_label(command))
+        if isinstance(command, pb.CommandStatementQuery):
+            return flight.SchemaResult(self._plan_schema(command.query))
+        if isinstance(command, pb.CommandPreparedStatementQuery):
+            text = _decode_sql(command.prepared_statement_handle, "Invalid prepared statement handle")
+            return flight.SchemaResult(self._plan_schema(text))
+        if sql.is_metadata(command):
+            return flight.SchemaResult(sql.result_schema(command))
+        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        command = sql.parse_command(ticket.ticket)
+        if isinstance(command, sql.RawSql):
+            self._begin(context)
+            try:
+                text = command.data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", f"Invalid ticket: {e}"))
+            return self._stream_query(text, "flight")
+        if isinstance(command, sql.UnknownCommand):
+            self._begin(context)
+            return flight.RecordBatchStream(streams.failing_reader("unimplemented", NOT_IMPLEMENTED))
+        self._begin(context, sql.command_label(command))
+        if isinstance(command, pb.CommandStatementQuery):
+            return self._stream_query(command.query, "flightsql")
+        if isinstance(command, pb.CommandPreparedStatementQuery):
+            try:
+                text = command.prepared_statement_handle.decode("utf-8")
+            except UnicodeDecodeError as e:
+                message = f"Invalid prepared statement handle: {e}"
+                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", message))
+            return self._stream_query(text, "flightsql")
+        if sql.is_metadata(command):
+            try:
+                return flight.RecordBatchStream(sql.metadata_table(self.state.engine, command))
+            except QueryError as e:
+                raise flight.FlightInternalError(str(e)) from None
+        return flight.RecordBatchStream(streams.failing_reader("unimplemented", NOT_IMPLEMENTED))
+
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[flight.Result]:
+        kind = action.type
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if kind == sql.ACTION_CREATE_PREPARED_STATEMENT:
+            self._begin(context, "create_prepared_statement")
+            request = self._action_body(body, pb.ActionCreatePreparedStatementRequest)
+            assert isinstance(request, pb.ActionCreatePreparedStatementRequest)
+            schema = self._plan_schema(request.query)
+            result = pb.ActionCreatePreparedStatementResult(
+                prepared_statement_handle=request.query.encode("utf-8"),
+                dataset_schema=schema.serialize().to_pybytes())
+            return [flight.Result(sql.pack(result))]
+        if kind == sql.ACTION_CLOSE_PREPARED_STATEMENT:
+            self._begin(context, "close_prepared_statement")
+            self._action_body(body, pb.ActionClosePreparedStatementRequest)
+            return [flight.Result(b"")]  # handles are the SQL text: nothing to free
+        self._begin(context)
+        raise _Refusal("Unknown action type")
+
+    @staticmethod
+    def _action_body(body: bytes, cls: type[Message]) -> Message:
+        try:
+            return sql.unpack_action(body, cls)
+        except ValueError as e:
+            raise _Refusal(str(e)) from None
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        self._begin(context)
+        return list(sql.ACTIONS)
+
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        self._begin(context)
+        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+
+    def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+               reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+        self._begin(context)
+        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+
+    def do_exchange(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+                    reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter) -> None:
+        self._begin(context)
+        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
