@@ -1,7 +1,9 @@
 """One OpenTelemetry MeterProvider, the runtime's instruments, and their Prometheus exposition.
 
-Names follow upstream exactly: no unit suffixes (units would be appended to the name), no
-`target_info`, no `otel_scope_*` labels.
+Names follow upstream: no unit suffixes (units would be appended to the name), no `target_info`,
+no `otel_scope_*` labels. Counters carry the exporter's `_total` sample suffix (`http_requests_total`):
+prometheus_client writes counter families that way and a bare-named counter sample would not parse
+as a counter; `runtime_tls_reload_total` is exactly upstream's name either way.
 """
 
 from __future__ import annotations
