@@ -1,0 +1,261 @@
+"""The one TLS manager: per-listener contexts, validated reloads, one atomic swap, the counter.
+
+Each listener gets a long-lived *listener context*, built once; its `sni_callback` (OpenSSL runs it
+for every ClientHello, SNI or not) switches the connection to the profile's *current context*.
+A reload never touches a live context: it validates the new files on scratch contexts, composes
+new-if-valid-else-last-good for the cert/key pair and for the client CA independently, builds a
+fresh current context for every profile, and publishes them with one assignment. Handshakes in
+flight finish on what they hold; open connections keep their material.
+
+What comes from where during a handshake (measured, OpenSSL 3.0):
+  current context  → certificate, key, chain, ALPN, the trust store that verifies client certs
+  listener context → verify mode, session cache and tickets, protocol bounds, options, groups
+so ALPN is set on the current contexts and everything else on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+from collections.abc import Mapping
+from functools import partial
+from typing import Literal
+
+from ..config import ClientAuthMode, MaterialSource, TlsSettings
+from ..errors import MaterialError, ReloadResult, TlsConfigError
+from ..metrics import Metrics
+from . import material, policy
+from .material import CaBundle, CertKeyPair
+from .watch import FileWatch, poll
+
+Profile = Literal["http", "flight", "metrics"]
+PROFILES: tuple[Profile, ...] = ("http", "flight", "metrics")
+ALPN: Mapping[Profile, tuple[str, ...]] = {"http": ("h2", "http/1.1"), "flight": ("h2",), "metrics": ("http/1.1",)}
+SCOPE = "public"
+
+log = logging.getLogger("runtime")
+reload_log = logging.getLogger("runtime.tls.reload")
+
+
+def verify_mode(profile: Profile, mode: ClientAuthMode) -> ssl.VerifyMode:
+    """HTTP enforces `required` with a 401 (so /health stays open); Flight at the handshake; metrics never asks."""
+    if mode == "none" or profile == "metrics":
+        return ssl.CERT_NONE
+    if mode == "required" and profile == "flight":
+        return ssl.CERT_REQUIRED
+    return ssl.CERT_OPTIONAL
+
+
+class TlsManager:
+    def __init__(self, settings: TlsSettings, metrics: Metrics, files: FileWatch | None,
+                 pair: CertKeyPair, ca: CaBundle | None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._files = files  # None: nothing reloads (inline material somewhere)
+        self._pair = pair
+        self._ca = ca
+        self._lock = threading.Lock()
+        self._listeners: dict[Profile, ssl.SSLContext] = {}
+        self._current: Mapping[Profile, ssl.SSLContext] = self._build_all(pair, ca)
+
+    # ------------------------------------------------------------------ startup
+
+    @classmethod
+    def create(cls, settings: TlsSettings, metrics: Metrics) -> TlsManager:
+        """Load and validate all material, or raise `TlsConfigError` with upstream's detail."""
+        files = None
+        if settings.reloadable:
+            files = FileWatch(s.path for s in _sources(settings) if s.path is not None)
+        try:
+            pair = material.load_pair(_read(settings.certificate, files), _read(settings.key, files))
+            ca = None
+            if settings.client_ca is not None:
+                ca = material.load_ca_bundle(_read(settings.client_ca, files))
+            return cls(settings, metrics, files, pair, ca)
+        except MaterialError as e:
+            raise TlsConfigError(str(e)) from None
+        except ssl.SSLError as e:
+            raise TlsConfigError(f"failed to build the TLS context: {e.reason or e}") from None
+
+    @property
+    def client_auth_mode(self) -> ClientAuthMode:
+        return self._settings.client_auth_mode
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the leaf being served to new handshakes."""
+        return self._pair.fingerprint
+
+    def subject_line(self) -> str:
+        return material.startup_line(self._pair.leaf)
+
+    def log_startup(self) -> None:
+        log.info("%s", self.subject_line())
+        mode, ca = self._settings.client_auth_mode, self._settings.client_ca
+        if mode == "none" or ca is None:
+            log.debug("Public TLS client certificates: not requested (client_auth_mode=none)")
+            return
+        state = "required" if mode == "required" else "requested but optional"
+        log.info("Public TLS client certificates: %s (client_auth_mode=%s); CA from %s", state, mode, ca.describe())
+
+    # ------------------------------------------------------------------ contexts
+
+    def listener_context(self, profile: Profile) -> ssl.SSLContext:
+        """The listener's long-lived context (one per profile); new handshakes switch to the current one."""
+        with self._lock:
+            ctx = self._listeners.get(profile)
+            if ctx is None:
+                ctx = self._base_context(profile)
+                if ctx.verify_mode != ssl.CERT_NONE:
+                    policy.forbid_resumption(ctx)
+                ctx.sni_callback = partial(self._select, profile)
+                self._listeners[profile] = ctx
+            return ctx
+
+    def _select(self, profile: Profile, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+                _listener: ssl.SSLContext) -> None:
+        conn.context = self._current[profile]
+
+    def _base_context(self, profile: Profile) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        policy.harden(ctx)
+        ctx.set_alpn_protocols(list(ALPN[profile]))
+        ctx.verify_mode = verify_mode(profile, self._settings.client_auth_mode)
+        return ctx
+
+    def _build_all(self, pair: CertKeyPair, ca: CaBundle | None) -> dict[Profile, ssl.SSLContext]:
+        built = {}
+        for profile in PROFILES:
+            ctx = self._base_context(profile)
+            material.load_chain_into(ctx, pair)
+            if ca is not None:
+                ctx.load_verify_locations(cadata=ca.pem)
+            built[profile] = ctx
+        return built
+
+    # ------------------------------------------------------------------ reload
+
+    def reload_all(self, reason: str = "sighup") -> None:
+        """Re-read and swap every file-backed material now, changed or not (SIGHUP)."""
+        if self._files is None:
+            return
+        if reason == "sighup":
+            reload_log.info("TLS reload: SIGHUP triggered manual reload of all registered material",
+                            extra={"fields": {"callbacks": 1 + (self._settings.client_ca is not None)}})
+        self._reload(pair_due=True, ca_due=self._settings.client_ca is not None, forced=True)
+
+    def check_for_changes(self) -> None:
+        """One poll: reload whatever material's files changed since they were last read."""
+        if self._files is None:
+            return
+        changed = self._files.changed()
+        if not changed:
+            return
+        s = self._settings
+        pair_due = bool(changed & {s.certificate.path, s.key.path})
+        ca_due = s.client_ca is not None and s.client_ca.path in changed
+        self._reload(pair_due=pair_due, ca_due=ca_due, forced=False)
+
+    async def watch(self, stop: asyncio.Event, interval: float = 2.0) -> None:
+        """Poll the material files every `interval` seconds until `stop` is set."""
+        if self._files is None:
+            return
+        await poll(stop, interval, self.check_for_changes)
+
+    def _reload(self, *, pair_due: bool, ca_due: bool, forced: bool) -> None:
+        with self._lock:
+            pair_result, new_pair = self._attempt_pair(forced) if pair_due else (None, None)
+            ca_result, new_ca = self._attempt_ca(forced) if ca_due else (None, None)
+            if new_pair is not None or new_ca is not None:
+                pair, ca = new_pair or self._pair, new_ca or self._ca
+                try:
+                    contexts = self._build_all(pair, ca)
+                except (ssl.SSLError, ValueError, OSError) as e:
+                    # Validated material should always build; if it does not, keep everything as it was.
+                    self._warn_rejected(new_pair, new_ca, f"{e}")
+                    pair_result = "parse_error" if new_pair is not None else pair_result
+                    ca_result = "parse_error" if new_ca is not None else ca_result
+                else:
+                    self._current = contexts  # the publication: one assignment
+                    self._pair, self._ca = pair, ca
+                    self._log_swapped(new_pair, new_ca)
+            for result in (pair_result, ca_result):
+                if result is not None:
+                    self._metrics.tls_reload.add(1, {"scope": SCOPE, "result": result})
+
+    def _attempt_pair(self, forced: bool) -> tuple[ReloadResult | None, CertKeyPair | None]:
+        assert self._files is not None and self._settings.certificate.path and self._settings.key.path
+        paths = {"cert": self._settings.certificate.path, "key": self._settings.key.path}
+        # Both files are read every time, so both stamps are recorded.
+        reads = {what: self._files.read(path) for what, path in paths.items()}
+        if not forced and not any(r.changed for r in reads.values()):
+            return None, None
+        for what, read in reads.items():
+            if read.error is not None:
+                reload_log.warning("TLS reload: failed to read %s file: %s", what, material.os_error_text(read.error),
+                                   extra={"fields": {"path": paths[what]}})
+                return "io_error", None
+        cert, key = reads["cert"].data, reads["key"].data
+        assert cert is not None and key is not None
+        try:
+            return "ok", material.load_pair(cert, key)
+        except MaterialError as e:
+            reload_log.warning("TLS reload: rejected new material, keeping old: %s", e,
+                               extra={"fields": {"cert_path": paths["cert"]}})
+            return e.result, None
+
+    def _attempt_ca(self, forced: bool) -> tuple[ReloadResult | None, CaBundle | None]:
+        assert self._files is not None and self._settings.client_ca and self._settings.client_ca.path
+        path = self._settings.client_ca.path
+        read = self._files.read(path)
+        if not forced and not read.changed:
+            return None, None
+        if read.error is not None:
+            reload_log.warning("TLS reload: failed to read client CA file: %s", material.os_error_text(read.error),
+                               extra={"fields": {"path": path}})
+            return "io_error", None
+        assert read.data is not None
+        try:
+            return "ok", material.load_ca_bundle(read.data)
+        except MaterialError as e:
+            reload_log.warning("TLS reload: rejected new client CA bundle, keeping old: %s", e,
+                               extra={"fields": {"ca_path": path}})
+            return e.result, None
+
+    def _log_swapped(self, pair: CertKeyPair | None, ca: CaBundle | None) -> None:
+        s = self._settings
+        if pair is not None:
+            reload_log.info("TLS reload: swapped server certificate", extra={"fields": {
+                "cert_path": s.certificate.path, "fingerprint": pair.fingerprint, "scope": SCOPE}})
+        if ca is not None and s.client_ca is not None:
+            reload_log.info("TLS reload: swapped client CA bundle", extra={"fields": {
+                "ca_path": s.client_ca.path, "scope": SCOPE}})
+
+    def _warn_rejected(self, pair: CertKeyPair | None, ca: CaBundle | None, reason: str) -> None:
+        s = self._settings
+        if pair is not None:
+            reload_log.warning("TLS reload: rejected new material, keeping old: %s", reason,
+                               extra={"fields": {"cert_path": s.certificate.path}})
+        if ca is not None and s.client_ca is not None:
+            reload_log.warning("TLS reload: rejected new client CA bundle, keeping old: %s", reason,
+                               extra={"fields": {"ca_path": s.client_ca.path}})
+
+
+def _sources(settings: TlsSettings) -> list[MaterialSource]:
+    return [s for s in (settings.certificate, settings.key, settings.client_ca) if s is not None]
+
+
+def _read(source: MaterialSource, files: FileWatch | None) -> bytes:
+    if source.path is None:
+        assert source.pem is not None
+        return source.pem
+    if files is None:
+        return material.read_file(source.path)
+    read = files.read(source.path)
+    if read.error is not None:
+        raise MaterialError(f"failed to read TLS file at {source.path}: {material.os_error_text(read.error)}",
+                            "io_error")
+    assert read.data is not None
+    return read.data
