@@ -1,0 +1,217 @@
+"""The `spice` Typer app: options in, one call into the module that does the work, exit code out.
+
+Errors the user can act on (`CliError`) become one red line on stderr and exit 1; usage errors are
+Typer's own (exit 2), printed plainly rather than in Rich boxes so that they stay greppable lines.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Iterator, Literal, Optional
+
+import typer
+
+from spice_cli import CliError
+
+if TYPE_CHECKING:
+    from spice_cli.status import HttpSettings
+
+app = typer.Typer(name="spice", help="Spice.ai CLI: run the runtime, query it over Flight SQL, manage dev TLS.",
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+tls_app = typer.Typer(help="A development PKI: a CA plus server and client certificates (ECDSA P-256).",
+                      no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(tls_app, name="tls")
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except CliError as e:
+        typer.secho(str(e), err=True, fg="red")
+        raise typer.Exit(1) from None
+
+
+def _exit(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+RootCert = Annotated[Optional[Path], typer.Option("--tls-root-certificate-file", metavar="CA.PEM",
+                                                  help="Trust this CA; the default endpoint switches to TLS.")]
+ClientCert = Annotated[Optional[Path], typer.Option("--client-tls-certificate-file", metavar="CERT.PEM",
+                                                    help="Client certificate for mTLS (needs the key).")]
+ClientKey = Annotated[Optional[Path], typer.Option("--client-tls-key-file", metavar="KEY.PEM",
+                                                   help="Client private key for mTLS (needs the certificate).")]
+ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="API key for the runtime.")]
+
+
+def _client_pair(cert: Path | None, key: Path | None) -> None:
+    if cert and not key:
+        raise typer.BadParameter("--client-tls-key-file is required with --client-tls-certificate-file")
+    if key and not cert:
+        raise typer.BadParameter("--client-tls-certificate-file is required with --client-tls-key-file")
+
+
+@app.callback()
+def _root(ctx: typer.Context,
+          verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                               help="Pass -v (or -vv) to the runtime.")] = 0,
+          very_verbose: Annotated[bool, typer.Option("--very-verbose", help="Pass -vv to the runtime.")] = False,
+          ) -> None:
+    ctx.obj = 2 if very_verbose else verbose
+
+
+@app.command()
+def run(ctx: typer.Context,
+        args: Annotated[Optional[list[str]], typer.Argument(metavar="[-- SPICED FLAGS]",
+                                                            help="Passed to spiced unchanged.")] = None) -> None:
+    """Start the Spice runtime (spiced) of this installation; arguments after `--` go to it unchanged."""
+    from spice_cli import run as runner
+
+    with _one_line_errors():
+        _exit(runner.run(args or [], ctx.obj or 0))
+
+
+@app.command()
+def sql(endpoint: Annotated[Optional[str], typer.Option(
+            "--endpoint", "--flight-endpoint", metavar="URL",
+            help="grpc://, grpc+tls://, http:// or https:// (default http://localhost:50051).")] = None,
+        tls_root_certificate_file: RootCert = None,
+        client_tls_certificate_file: ClientCert = None,
+        client_tls_key_file: ClientKey = None,
+        api_key: ApiKey = None,
+        cache_control: Annotated[Optional[Literal["cache", "no-cache"]], typer.Option(
+            "--cache-control",
+            help="no-cache asks the runtime to bypass its results cache.")] = None,
+        user_agent: Annotated[Optional[str], typer.Option("--user-agent", help="User-Agent to send.")] = None,
+        headers: Annotated[Optional[list[str]], typer.Option("--headers", metavar="KEY:VALUE",
+                                                             help="Extra request metadata (repeatable).")] = None,
+        query: Annotated[Optional[str], typer.Option("--query", help="Run one statement and exit.")] = None,
+        ) -> None:
+    """Start an interactive SQL REPL (Arrow Flight SQL); reads statements from stdin when piped."""
+    from spice_cli import flight_client, repl
+
+    _client_pair(client_tls_certificate_file, client_tls_key_file)
+    pairs: list[tuple[str, str]] = []
+    for header in headers or []:
+        key, sep, value = header.partition(":")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY:VALUE, got '{header}'", param_hint="'--headers'")
+        pairs.append((key.strip(), value.strip()))
+    settings = flight_client.FlightSettings(
+        endpoint=endpoint or flight_client.default_endpoint(tls_root_certificate_file),
+        tls_root_certificate_file=tls_root_certificate_file,
+        client_certificate_file=client_tls_certificate_file, client_key_file=client_tls_key_file,
+        api_key=api_key, cache_control=cache_control,
+        user_agent=user_agent, headers=tuple(pairs))
+    with _one_line_errors():
+        _exit(repl.run(settings, query))
+
+
+def _http(http_endpoint: str | None, root: Path | None, cert: Path | None, key: Path | None,
+          api_key: str | None) -> HttpSettings:
+    from spice_cli.status import HttpSettings
+
+    _client_pair(cert, key)
+    return HttpSettings(http_endpoint, root, cert, key, api_key)
+
+
+HttpEndpoint = Annotated[Optional[str], typer.Option(
+    "--http-endpoint", metavar="URL", help="Runtime HTTP API (default http://127.0.0.1:8090, https with a root CA).")]
+
+
+@app.command()
+def status(http_endpoint: HttpEndpoint = None, tls_root_certificate_file: RootCert = None,
+           client_tls_certificate_file: ClientCert = None, client_tls_key_file: ClientKey = None,
+           api_key: ApiKey = None) -> None:
+    """Show the runtime's endpoints and their status."""
+    from spice_cli import status as st
+
+    settings = _http(http_endpoint, tls_root_certificate_file, client_tls_certificate_file, client_tls_key_file,
+                     api_key)
+    with _one_line_errors():
+        typer.echo(st.status_table(settings))
+
+
+@app.command()
+def datasets(http_endpoint: HttpEndpoint = None, tls_root_certificate_file: RootCert = None,
+             client_tls_certificate_file: ClientCert = None, client_tls_key_file: ClientKey = None,
+             api_key: ApiKey = None) -> None:
+    """List the runtime's datasets and their status."""
+    from spice_cli import status as st
+
+    settings = _http(http_endpoint, tls_root_certificate_file, client_tls_certificate_file, client_tls_key_file,
+                     api_key)
+    with _one_line_errors():
+        typer.echo(st.datasets_table(settings))
+
+
+@app.command()
+def version() -> None:
+    """Show the CLI and runtime versions."""
+    from spice_cli import status as st
+
+    typer.echo(st.version_text())
+
+
+@app.command()
+def init(name: Annotated[Optional[str], typer.Argument(help="Spicepod name; creates ./NAME/spicepod.yaml.")] = None
+         ) -> None:
+    """Write a minimal spicepod.yaml."""
+    from spice_cli import init as initializer
+
+    with _one_line_errors():
+        path = initializer.init(name)
+    typer.echo(f"{path} initialized!")
+
+
+TlsDir = Annotated[Path, typer.Option("--dir", metavar="DIR", help="Directory holding ca.crt and ca.key.")]
+Days = Annotated[Optional[int], typer.Option("--days", help="Validity in days.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing files.")]
+
+
+@tls_app.command("init")
+def tls_init(directory: TlsDir = Path("."), days: Days = None, force: Force = False) -> None:
+    """Create a development CA: DIR/ca.crt and DIR/ca.key."""
+    from spice_cli import pki
+
+    with _one_line_errors():
+        issued = pki.init_ca(directory, days=pki.CA_DAYS if days is None else days, force=force)
+    typer.echo(f"Created CA certificate {issued.cert} and key {issued.key}")
+
+
+@tls_app.command("add")
+def tls_add(name: Annotated[str, typer.Argument(help="File name stem: NAME.crt and NAME.key.")],
+            host: Annotated[Optional[list[str]], typer.Option(
+                "--host", help="DNS name or IP for the SAN (repeatable; servers "
+                               "default to localhost and 127.0.0.1, clients to NAME).")] = None,
+            client: Annotated[bool, typer.Option("--client", help="Issue a client certificate (clientAuth).")] = False,
+            days: Days = None, directory: TlsDir = Path("."), force: Force = False) -> None:
+    """Issue a server (or, with --client, a client) certificate signed by the CA in DIR."""
+    from spice_cli import pki
+
+    with _one_line_errors():
+        issued = pki.add(directory, name, hosts=host or (), client=client,
+                         days=pki.LEAF_DAYS if days is None else days, force=force)
+    kind = "client" if client else "server"
+    typer.echo(f"Issued {kind} certificate {issued.cert} and key {issued.key}")
+
+
+def main() -> int:
+    try:
+        app(prog_name="spice")
+    except CliError as e:
+        typer.secho(str(e), err=True, fg="red")
+        return 1
+    except Exception as e:  # noqa: BLE001  # the CLI promises one line, never a traceback
+        typer.secho(f"Error: {type(e).__name__}: {e}", err=True, fg="red")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
