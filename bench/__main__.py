@@ -1,0 +1,179 @@
+"""`make bench`: the runtime against references measured in the same run. Prints medians and ratios.
+
+Sections: HTTP `/v1/sql SELECT 1` under wrk; a GROUP BY over 5M parquet rows via HTTP and Flight next to
+in-process DataFusion; a 1M-row result as JSON over HTTP next to DataFusion's own JSON writer, and as
+Arrow over HTTP and Flight; Flight DoGet over our TLS front next to a bare pyarrow server with native
+gRPC TLS (throughput and small-call latency).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.ipc as ipc
+from datafusion import SessionContext
+
+from bench.common import Row, big_parquet, median_time, report
+from tests.pki import Pki
+from tests.support import run_spiced
+
+ROWS = 5_000_000
+GROUP_BY = "SELECT grp, count(*) AS n, sum(amount) AS total, avg(id) AS mean FROM big GROUP BY grp"
+MILLION = "SELECT id, grp, amount, label, ts, maybe FROM big LIMIT 1000000"
+WIDE = "SELECT id, amount, grp FROM big_mem"
+
+
+def spicepod(parquet: Path) -> str:
+    return f"""version: v1
+kind: Spicepod
+name: bench
+datasets:
+  - from: file:{parquet}
+    name: big
+  - from: file:{parquet}
+    name: big_mem
+    acceleration:
+      enabled: true
+"""
+
+
+def wrk(url: str, script: Path | None = None, seconds: int = 5) -> float:
+    cmd = ["wrk", "-t1", "-c16", f"-d{seconds}s", url]
+    if script:
+        cmd[1:1] = ["-s", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        print(f"  wrk: {errors.group(1)} non-2xx responses for {url}")
+    return float(m.group(1)) if m else float("nan")
+
+
+def http_rows(base: str) -> list[Row]:
+    wrk(base + "/health", seconds=2)  # warm-up
+    sql = wrk(base + "/v1/sql", Path(__file__).with_name("post_select1.lua"))
+    health = wrk(base + "/health")
+    return [Row("/v1/sql SELECT 1 req/s (16 keep-alive conns) vs /health", sql, health, "req/s", "report",
+                higher_is_better=True)]
+
+
+def query_rows(rt_http: str, rt_flight: str, parquet: Path, ctx: SessionContext) -> list[Row]:
+    rows = []
+    client = flight.FlightClient(rt_flight)
+    with httpx.Client(timeout=120) as http:
+        t_df = median_time(lambda: ctx.sql(GROUP_BY).collect())
+        t_http = median_time(lambda: http.post(rt_http + "/v1/sql", content=GROUP_BY).raise_for_status())
+        t_fl = median_time(lambda: client.do_get(flight.Ticket(GROUP_BY.encode())).read_all())
+        rows += [Row("GROUP BY 5M rows: HTTP JSON vs in-process DataFusion (s)", t_http, t_df, "s", "<= 1.1x"),
+                 Row("GROUP BY 5M rows: Flight vs in-process DataFusion (s)", t_fl, t_df, "s", "<= 1.1x")]
+
+        out = Path(tempfile.mkdtemp())
+        t_writer = median_time(lambda: ctx.sql(MILLION).write_json(str(out / "r.json")), repeat=3)
+        shutil.rmtree(out, ignore_errors=True)
+
+        def http_json() -> float:
+            t0 = time.perf_counter()
+            first = None
+            with http.stream("POST", rt_http + "/v1/sql", content=MILLION) as r:
+                r.raise_for_status()
+                for chunk in r.iter_raw():
+                    if first is None and chunk:
+                        first = time.perf_counter() - t0
+            return first or 0.0
+
+        firsts = [http_json() for _ in range(3)]
+        t_json = median_time(http_json, repeat=3)
+        rows += [Row("1M rows as JSON over HTTP vs DataFusion write_json (s)", t_json, t_writer, "s", "<= 2x"),
+                 Row("1M rows JSON: first byte (s) vs 0.1 s", statistics.median(firsts), 0.1, "s", "<= 1x")]
+
+        t_table = median_time(lambda: ctx.sql(MILLION).to_arrow_table(), repeat=3)
+
+        def http_arrow() -> None:
+            r = http.post(rt_http + "/v1/sql", content=MILLION, headers={"Accept": "application/vnd.apache.arrow.stream"})
+            r.raise_for_status()
+            ipc.open_stream(r.content).read_all()
+
+        t_arrow_http = median_time(http_arrow, repeat=3)
+        t_arrow_flight = median_time(lambda: client.do_get(flight.Ticket(MILLION.encode())).read_all(), repeat=3)
+        rows += [Row("1M rows as Arrow over HTTP vs in-process to_arrow_table (s)", t_arrow_http, t_table, "s", "report"),
+                 Row("1M rows as Arrow over Flight vs in-process to_arrow_table (s)", t_arrow_flight, t_table, "s", "report")]
+    client.close()
+    return rows
+
+
+def flight_tls_rows(ours_uri: str, pki: Pki, parquet: Path) -> list[Row]:
+    roots = pki.ca.cert_pem
+    bare = subprocess.Popen([sys.executable, "-m", "bench.bare_flight", str(parquet), str(pki.server.cert), str(pki.server.key)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert bare.stdout is not None
+        bare_uri = f"grpc+tls://localhost:{bare.stdout.readline().strip()}"
+        ours_client = flight.FlightClient(ours_uri, tls_root_certs=roots)
+        bare_client = flight.FlightClient(bare_uri, tls_root_certs=roots)
+        nbytes = ours_client.do_get(flight.Ticket(WIDE.encode())).read_all().nbytes
+        ours_t, bare_t = [], []
+        for _ in range(5):  # interleaved rounds: the machine is shared and noisy
+            t0 = time.perf_counter()
+            ours_client.do_get(flight.Ticket(WIDE.encode())).read_all()
+            ours_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            bare_client.do_get(flight.Ticket(WIDE.encode())).read_all()
+            bare_t.append(time.perf_counter() - t0)
+        ours_mbs = nbytes / statistics.median(ours_t) / 1e6
+        bare_mbs = nbytes / statistics.median(bare_t) / 1e6
+
+        def small(client: flight.FlightClient) -> list[float]:
+            samples = []
+            for _ in range(300):
+                t0 = time.perf_counter()
+                client.do_get(flight.Ticket(b"SELECT 1")).read_all()
+                samples.append((time.perf_counter() - t0) * 1000)
+            return samples
+
+        small(ours_client), small(bare_client)
+        ours_small, bare_small = statistics.median(small(ours_client)), statistics.median(small(bare_client))
+        ours_client.close()
+        bare_client.close()
+    finally:
+        bare.stdin.close() if bare.stdin else None
+        bare.wait(10)
+    return [
+        Row(f"Flight DoGet {nbytes / 1e6:.0f} MB over TLS: our front vs native grpc+tls (MB/s)", ours_mbs, bare_mbs,
+            "MB/s", ">= 0.9x", higher_is_better=True),
+        Row("Flight 1-row DoGet over TLS, median (ms): ours vs native", ours_small, bare_small, "ms",
+            f"+{ours_small - bare_small:.3f} ms, target <= +0.2 ms"),
+    ]
+
+
+def main() -> None:
+    parquet = big_parquet(ROWS)
+    print(f"data: {parquet} ({ROWS:,} rows); cores: {os.cpu_count()}")
+    ctx = SessionContext()
+    ctx.register_parquet("big", str(parquet))
+    work = Path(tempfile.mkdtemp(prefix="spiced-bench-"))
+    try:
+        (work / "spicepod.yaml").write_text(spicepod(parquet))
+        with run_spiced(work, timeout=180) as rt:
+            report("HTTP", http_rows(rt.http_url))
+            report("Queries (plaintext)", query_rows(rt.http_url, rt.flight_uri, parquet, ctx))
+        pki = Pki.create(work / "pki")
+        with run_spiced(work, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+                        "--tls-key-file", str(pki.server.key), timeout=180) as rt:
+            report("Flight over TLS", flight_tls_rows(rt.flight_uri.replace("127.0.0.1", "localhost"), pki, parquet))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The reference Flight server: bare pyarrow with its native gRPC TLS, serving an in-memory table.
+
+    python -m bench.bare_flight PARQUET CERT KEY    → prints the bound port, serves until stdin closes
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+
+
+class BareServer(flight.FlightServerBase):
+    def __init__(self, location: str, table: pa.Table, **kwargs: object) -> None:
+        super().__init__(location, **kwargs)
+        self.table = table
+        self.one = pa.table({"Int64(1)": pa.array([1], pa.int64())})
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        if ticket.ticket == b"SELECT 1":
+            return flight.RecordBatchStream(self.one)
+        return flight.RecordBatchStream(self.table)
+
+
+def main() -> None:
+    parquet, cert, key = sys.argv[1:4]
+    table = pq.read_table(parquet, columns=["id", "amount", "grp"])
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        pair = flight.CertKeyPair(cert=c.read(), key=k.read())
+    server = BareServer("grpc+tls://127.0.0.1:0", table, tls_certificates=[pair])
+    print(server.port, flush=True)
+    sys.stdin.read()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
