@@ -38,19 +38,21 @@ class SpiceFormatter(logging.Formatter):
 
 def parse_filter(spec: str) -> tuple[int, dict[str, int]]:
     """Parse `SPICED_LOG` (`DEBUG`, `runtime=TRACE,WARN`) into a default level and per-target levels."""
-    default = logging.WARNING
-    targets: dict[str, int] = {}
+    default: int | None = None
+    explicit: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, level = part.rpartition("=")
         lvl = _LEVELS.get(level.strip().upper())
         if lvl is None:
             continue
         if name:
-            targets[name.strip().replace("::", ".")] = lvl
+            explicit[name.strip().replace("::", ".")] = lvl
         else:
             default = lvl
-            targets.update({t: lvl for t in OWN_TARGETS})
-    return default, targets
+    # A bare level replaces the whole filter, our own targets included; named targets win over it.
+    targets = {t: default for t in OWN_TARGETS} if default is not None else {}
+    targets.update(explicit)
+    return (logging.WARNING if default is None else default), targets
 
 
 def configure(verbosity: int = 0, env_filter: str | None = None) -> None:
