@@ -1,0 +1,66 @@
+"""The Starlette applications: the HTTP API (`create_app`) and the `--metrics` listener
+(`create_metrics_app`).
+
+Request path through the API: RequestObserver (metrics, access log) → ClientCertGate →
+ApiKeyGate → route. Unknown paths answer 404 and known paths with the wrong method 405 with an
+`Allow` header, both with an empty body.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..state import RuntimeState
+from . import routes
+from .gates import ApiKeyGate, ClientCertGate
+from .observe import RequestObserver
+from .sql import sql_endpoint
+
+
+async def _empty_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return Response(status_code=exc.status_code, headers=exc.headers)
+
+
+def _starlette(route_list: list[Route], middleware: list[Middleware], state: RuntimeState) -> Starlette:
+    app = Starlette(routes=route_list, middleware=middleware, exception_handlers={HTTPException: _empty_error})
+    app.router.redirect_slashes = False  # `/health/` is an unknown path, not a redirect
+    app.state.runtime = state
+    return app
+
+
+def create_app(state: RuntimeState) -> Starlette:
+    return _starlette(
+        [
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/ready", routes.ready, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/v1/sql", sql_endpoint, methods=["POST"]),
+            Route("/v1/datasets", routes.datasets, methods=["GET"]),
+            Route("/v1/datasets/{name}/acceleration/refresh", routes.refresh, methods=["POST"]),
+            Route("/v1/status", routes.status, methods=["GET"]),
+            Route("/v1/spicepods", routes.spicepods, methods=["GET"]),
+            Route("/v1/openapi.json", routes.openapi, methods=["GET"]),
+        ],
+        [Middleware(RequestObserver, state=state), Middleware(ClientCertGate, state=state),
+         Middleware(ApiKeyGate, state=state)],
+        state,
+    )
+
+
+async def _metrics_health(request: Request) -> Response:
+    return PlainTextResponse("OK")
+
+
+def create_metrics_app(state: RuntimeState) -> Starlette:
+    """`/metrics` and `/health` only; never gated (§9: no client certificate, no API key)."""
+    return _starlette(
+        [Route("/metrics", routes.metrics, methods=["GET"]), Route("/health", _metrics_health, methods=["GET"])],
+        [],
+        state,
+    )

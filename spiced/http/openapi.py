@@ -1,0 +1,95 @@
+"""The OpenAPI 3 description of the HTTP API, served at `GET /v1/openapi.json` (and used by
+schemathesis to probe every route)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_MESSAGE = {"application/json": {"schema": {
+    "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}}}
+_UNAUTHORIZED = {"description": "Missing or invalid API key (`Unauthorized`), or no verified client certificate "
+                                "under client_auth_mode=required (JSON message)"}
+_FORMAT = {"name": "format", "in": "query", "required": False,
+           "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"}}
+
+
+def _list_of(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "array", "items": {"type": "object", "properties": properties, "required": required}}
+
+
+_DATASET = {"from": {"type": "string"}, "name": {"type": "string"}, "replication_enabled": {"type": "boolean"},
+            "acceleration_enabled": {"type": "boolean"},
+            "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]},
+            "error": {"type": "string"}}
+_ENDPOINT = {"name": {"type": "string", "enum": ["http", "flight", "metrics"]}, "endpoint": {"type": "string"},
+             "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing"]}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "Spice runtime HTTP API (spiced for Python)", "version": "1"},
+    "paths": {
+        "/health": {"get": {"summary": "Liveness", "security": [],
+                            "responses": {"200": {"description": "`ok` and a newline", "content": _TEXT}}}},
+        "/v1/ready": {"get": {"summary": "Readiness: every dataset has loaded", "security": [], "responses": {
+            "200": {"description": "`ready`", "content": _TEXT},
+            "503": {"description": "`not ready`", "content": _TEXT}}}},
+        "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {
+            "200": {"description": "Prometheus text", "content": _TEXT}, "401": _UNAUTHORIZED}}},
+        "/v1/sql": {"post": {
+            "summary": "Run one read-only SQL statement",
+            "requestBody": {"required": True, "content": {"text/plain": {"schema": {"type": "string", "maxLength": 2097152}}}},
+            "parameters": [{"name": "Accept", "in": "header", "required": False, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "Rows: a JSON array of objects (null fields omitted), CSV, a text table, "
+                                       "or an Arrow IPC stream, by Accept",
+                        "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                                    "text/csv": {"schema": {"type": "string"}},
+                                    "text/plain": {"schema": {"type": "string"}},
+                                    "application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}}}},
+                "400": {"description": "`Failed to execute query: <engine error>`, or a body that is not UTF-8",
+                        "content": _TEXT},
+                "401": _UNAUTHORIZED,
+                "413": {"description": "Body over 2 MiB", "content": _TEXT},
+                "504": {"description": "Query timed out (when runtime.query.timeout is set)", "content": _TEXT}}}},
+        "/v1/datasets": {"get": {
+            "summary": "Datasets of the spicepod",
+            "parameters": [_FORMAT,
+                           {"name": "status", "in": "query", "required": False, "schema": {"type": "boolean"}},
+                           {"name": "source", "in": "query", "required": False, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "Datasets", "content": {
+                "application/json": {"schema": _list_of(_DATASET, ["from", "name", "replication_enabled", "acceleration_enabled"])},
+                "text/csv": {"schema": {"type": "string"}}}},
+                "400": {"description": "Bad query string", "content": _TEXT}, "401": _UNAUTHORIZED}}},
+        "/v1/datasets/{name}/acceleration/refresh": {"post": {
+            "summary": "Reload an accelerated dataset now",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "refresh_sql": {"type": "string"}, "refresh_mode": {"type": "string", "enum": ["full", "append"]},
+                "refresh_jitter_max": {"type": "string"}}}}}},
+            "responses": {"201": {"description": "Refresh triggered", "content": _MESSAGE},
+                          "400": {"description": "Dataset not accelerated", "content": _MESSAGE},
+                          "401": _UNAUTHORIZED,
+                          "404": {"description": "No such dataset", "content": _MESSAGE},
+                          "413": {"description": "Body over 2 MiB", "content": _TEXT}}}},
+        "/v1/status": {"get": {
+            "summary": "Listeners and their state", "parameters": [_FORMAT],
+            "responses": {"200": {"description": "Endpoints", "content": {
+                "application/json": {"schema": _list_of(_ENDPOINT, ["name", "endpoint", "status"])},
+                "text/csv": {"schema": {"type": "string"}}}},
+                "400": {"description": "Bad query string", "content": _TEXT}, "401": _UNAUTHORIZED}}},
+        "/v1/spicepods": {"get": {
+            "summary": "The loaded spicepod (secrets redacted)", "parameters": [_FORMAT],
+            "responses": {"200": {"description": "Spicepods, root last", "content": {
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "text/csv": {"schema": {"type": "string"}}}},
+                "400": {"description": "Bad query string", "content": _TEXT}, "401": _UNAUTHORIZED}}},
+        "/v1/openapi.json": {"get": {"summary": "This document", "responses": {
+            "200": {"description": "OpenAPI 3", "content": {"application/json": {"schema": {"type": "object"}}}},
+            "401": _UNAUTHORIZED}}},
+    },
+    "components": {"securitySchemes": {
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{}, {"apiKey": []}, {"bearer": []}],
+}

@@ -1,0 +1,192 @@
+"""The HTTP API's small routes: health, readiness, metrics, datasets, status, spicepods, refresh.
+
+`POST /v1/sql` lives in spiced/http/sql.py. Texts and shapes follow §7.2 of the behaviour
+reference; `?format=csv` answers `text/csv` with a header row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from ..state import RuntimeState
+from .body import BodyTooLarge, read_body, too_large
+from .openapi import OPENAPI
+
+REDACTED = "<redacted>"
+
+
+def runtime(request: Request) -> RuntimeState:
+    state: RuntimeState = request.app.state.runtime
+    return state
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    body = json.dumps(content, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def message(text: str, status_code: int) -> Response:
+    return json_response({"message": text}, status_code)
+
+
+def csv_response(header: list[str], rows: Iterable[Mapping[str, Any]]) -> Response:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_cell(row.get(k)) for k in header])
+    return Response(out.getvalue(), headers={"content-type": "text/csv"})
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def wants_csv(request: Request) -> bool | Response:
+    """`?format=json|csv` (default json); anything else is a 400 naming the accepted values."""
+    value = request.query_params.get("format", "json")
+    if value.lower() in ("json", "csv"):
+        return value.lower() == "csv"
+    return PlainTextResponse(
+        f"Failed to deserialize query string: format: unknown variant `{value}`, expected `json` or `csv`",
+        status_code=400)
+
+
+def flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "false").lower() == "true"
+
+
+# ------------------------------------------------------------------ always open
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def ready(request: Request) -> Response:
+    if runtime(request).engine.ready():
+        return PlainTextResponse("ready")
+    return PlainTextResponse("not ready", status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    exposition = runtime(request).metrics.exposition()
+    return Response(exposition.body, headers={"content-type": exposition.content_type})
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(OPENAPI)
+
+
+# ------------------------------------------------------------------ datasets
+
+
+async def datasets(request: Request) -> Response:
+    state = runtime(request)
+    csv_format = wants_csv(request)
+    if isinstance(csv_format, Response):
+        return csv_format
+    with_status = flag(request, "status")
+    source = request.query_params.get("source")
+    states = {s.dataset.name: s for s in state.engine.states()}
+    items: list[dict[str, Any]] = []
+    for ds in state.config.spicepod.datasets:
+        if source is not None and ds.from_.partition(":")[0] != source:
+            continue
+        item: dict[str, Any] = {"from": ds.from_, "name": ds.name, "replication_enabled": False,
+                                "acceleration_enabled": ds.accelerated}
+        if with_status:
+            current = states.get(ds.name)
+            item["status"] = current.status if current is not None else "Initializing"
+            if current is not None and current.error:
+                item["error"] = current.error
+        items.append(item)
+    if csv_format:
+        header = ["from", "name", "replication_enabled", "acceleration_enabled"] + (["status", "error"] if with_status else [])
+        return csv_response(header, items)
+    return json_response(items)
+
+
+async def refresh(request: Request) -> Response:
+    state = runtime(request)
+    name = request.path_params["name"]
+    ds = next((d for d in state.config.spicepod.datasets if d.name.lower() == name.lower()), None)
+    if ds is None:
+        return message(f"Dataset {name} not found", 404)
+    if not ds.accelerated:
+        return message(f"Dataset {name} does not have acceleration enabled", 400)
+    try:
+        await read_body(request)  # overrides (refresh_sql, refresh_mode, …) are not supported: ignored
+    except BodyTooLarge:
+        return too_large()
+    task = asyncio.create_task(state.engine.refresh(ds), name=f"refresh {ds.name}")
+    _REFRESHES.add(task)  # keep a reference until it finishes
+    task.add_done_callback(_REFRESHES.discard)
+    return message(f"Dataset refresh triggered for {name}.", 201)
+
+
+_REFRESHES: set[asyncio.Task[None]] = set()
+
+
+# ------------------------------------------------------------------ status and spicepods
+
+
+async def status(request: Request) -> Response:
+    csv_format = wants_csv(request)
+    if isinstance(csv_format, Response):
+        return csv_format
+    items = [{"name": e.name, "endpoint": e.address or "N/A", "status": e.status}
+             for e in runtime(request).endpoints.values()]
+    if csv_format:
+        return csv_response(["name", "endpoint", "status"], items)
+    return json_response(items)
+
+
+def redacted_spicepod(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The spicepod as loaded, without secrets: inline TLS PEM values and every API-key value."""
+    pod = copy.deepcopy(dict(raw))
+    runtime_section = pod.get("runtime")
+    if isinstance(runtime_section, dict):
+        tls = runtime_section.get("tls")
+        if isinstance(tls, dict):
+            for key in ("key", "certificate", "client_auth_ca"):
+                if tls.get(key) is not None:
+                    tls[key] = REDACTED
+        if "auth" in runtime_section:
+            runtime_section["auth"] = _redact_leaves(runtime_section["auth"])
+    return pod
+
+
+def _redact_leaves(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_leaves(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_leaves(v) for v in value]
+    return value if isinstance(value, bool) or value is None else REDACTED
+
+
+async def spicepods(request: Request) -> Response:
+    csv_format = wants_csv(request)
+    if isinstance(csv_format, Response):
+        return csv_format
+    pod = runtime(request).config.spicepod
+    if csv_format:
+        raw = pod.raw
+        row = {"name": pod.name, "version": pod.version, "datasets_count": len(pod.datasets),
+               "models_count": len(raw.get("models") or []),  # type: ignore[arg-type]
+               "dependencies_count": len(raw.get("dependencies") or [])}  # type: ignore[arg-type]
+        return csv_response(["name", "version", "datasets_count", "models_count", "dependencies_count"], [row])
+    return json_response([redacted_spicepod(pod.raw)])

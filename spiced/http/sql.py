@@ -1,0 +1,178 @@
+"""`POST /v1/sql`: read the SQL body, run it off the event loop, and stream the encoded result.
+
+The first batch is pulled before any header is sent, so a query that fails at once is a 400,
+not a broken 200. After that, each batch is fetched and encoded in a worker thread and sent as
+it comes; an error then can only cut the stream short (the client sees an incomplete body and
+the error is logged), never turn into a status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import anyio
+import pyarrow as pa
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.types import Send
+
+from ..errors import QueryError
+from ..state import RuntimeState
+from .body import BodyTooLarge, read_body, too_large
+from .encode import (
+    CONTENT_TYPES,
+    Chunks,
+    Encoder,
+    MediaType,
+    coalesce,
+    encoder_for,
+    negotiate,
+)
+
+log = logging.getLogger("runtime.http")
+
+PROTOCOL = {"protocol": "http"}
+
+
+class StreamAborted(Exception):
+    """The result stream failed after the headers went out; the response is cut short."""
+
+
+class QueryRun:
+    """One query from planning to its last batch, with its metrics. Its steps are blocking calls
+    into DataFusion and the encoders; the caller runs each in a worker thread, one at a time."""
+
+    def __init__(self, state: RuntimeState, sql: str, media_type: MediaType) -> None:
+        self.state = state
+        self.sql = sql
+        self.media_type = media_type
+        self.timeout = state.config.query_timeout
+        self.started = time.perf_counter()
+        self.engine_seconds = 0.0
+        self.rows = 0
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._encoder: Encoder | None = None
+        self.done = False
+        self._finished = False
+        state.metrics.query_executions.add(1, PROTOCOL)
+        state.metrics.query_active.add(1, PROTOCOL)
+
+    def start(self) -> Chunks:
+        """Plan, execute and encode the first batch (QueryError on failure)."""
+        began = time.perf_counter()
+        stream = self.state.engine.execute(self.sql)
+        self.engine_seconds += time.perf_counter() - began
+        self._batches = coalesce(iter(stream))
+        self._encoder = encoder_for(self.media_type, stream.schema)
+        return [*self._encoder.begin(), *self.step()]
+
+    def step(self) -> Chunks:
+        """The next batch's bytes; after the last batch, the encoder's closing bytes and `done`."""
+        assert self._batches is not None and self._encoder is not None
+        began = time.perf_counter()
+        batch = next(self._batches, None)
+        self.engine_seconds += time.perf_counter() - began
+        if batch is None:
+            self.done = True
+            return self._encoder.end()
+        self.rows += batch.num_rows
+        return self._encoder.batch(batch)
+
+    def finish(self, error: QueryError | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        m = self.state.metrics
+        m.query_active.add(-1, PROTOCOL)
+        m.query_duration.record((time.perf_counter() - self.started) * 1000, PROTOCOL)
+        m.query_execution_duration.record(self.engine_seconds * 1000, PROTOCOL)
+        if error is not None:
+            m.query_failures.add(1, {**PROTOCOL, "err_code": error.kind})
+        else:
+            m.query_returned_rows.add(self.rows)
+
+    async def off_loop(self, step: Callable[[], Chunks]) -> Chunks:
+        """Run one step in a worker thread, within the query's time limit (TimeoutError past it).
+
+        Without a limit, cancellation (the client went away) waits for the step to finish, so
+        the stream is never used by two threads; with one, a late step is left to finish alone.
+        """
+        if self.timeout is None:
+            return await anyio.to_thread.run_sync(step)
+        with anyio.fail_after(max(self.started + self.timeout - time.perf_counter(), 0)):
+            return await anyio.to_thread.run_sync(step, abandon_on_cancel=True)
+
+    async def chunks(self, first: Chunks) -> AsyncIterator[bytes | memoryview]:
+        try:
+            for chunk in first:
+                yield chunk
+            while not self.done:
+                for chunk in await self.off_loop(self.step):
+                    yield chunk
+        except TimeoutError:
+            log.warning("Query timed out after %gs; response cut short", self.timeout)
+            self.finish(QueryError("timeout", kind="timeout"))
+            raise StreamAborted("timeout") from None
+        except QueryError as e:
+            log.warning("Error processing batch: %s", e)
+            self.finish(e)
+            raise StreamAborted(str(e)) from None
+        except Exception as e:  # an encoder bug must not leave a half-sent body looking complete
+            log.exception("Failed to encode query results")
+            self.finish(QueryError(str(e), kind="internal"))
+            raise StreamAborted(str(e)) from None
+        finally:
+            self.finish()
+
+
+class QueryResponse(StreamingResponse):
+    """Streams a QueryRun; on StreamAborted it stops without the final empty body message, so
+    Hypercorn closes the connection and the client sees a truncated response."""
+
+    def __init__(self, run: QueryRun, first: Chunks) -> None:
+        # As a header rather than media_type: Starlette would add "; charset=utf-8" to text/csv.
+        super().__init__(run.chunks(first), headers={"content-type": CONTENT_TYPES[run.media_type]})
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        iterator = self.body_iterator
+        try:
+            async for chunk in iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except StreamAborted:
+            return
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def bad_request(text: str) -> Response:
+    return PlainTextResponse(text, status_code=400)
+
+
+async def sql_endpoint(request: Request) -> Response:
+    state: RuntimeState = request.app.state.runtime
+    try:
+        body = await read_body(request)
+    except BodyTooLarge:
+        return too_large()
+    try:
+        sql = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return bad_request(f"Request body didn't contain valid UTF-8: {e}")
+    run = QueryRun(state, sql, negotiate(request.headers.get("accept")))
+    try:
+        first = await run.off_loop(run.start)
+    except QueryError as e:
+        run.finish(e)
+        return bad_request(f"Failed to execute query: {e}")
+    except TimeoutError:
+        run.finish(QueryError("timeout", kind="timeout"))
+        return PlainTextResponse(f"Failed to execute query: Query timed out after {run.timeout:g}s", status_code=504)
+    except Exception as e:
+        log.exception("Failed to encode query results")
+        run.finish(QueryError(str(e), kind="internal"))
+        return PlainTextResponse("Failed to encode query results", status_code=500)
+    return QueryResponse(run, first)
