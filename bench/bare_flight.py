@@ -1,6 +1,6 @@
 """The reference Flight server: bare pyarrow with its native gRPC TLS, serving an in-memory table.
 
-    python -m bench.bare_flight PARQUET CERT KEY    → prints the bound port, serves until stdin closes
+    python -m bench.bare_flight PARQUET CERT KEY    → prints "<tls port> <plaintext port>", serves until stdin closes
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ def main() -> None:
     table = pq.read_table(parquet, columns=["id", "amount", "grp"])
     with open(cert, "rb") as c, open(key, "rb") as k:
         pair = flight.CertKeyPair(cert=c.read(), key=k.read())
-    server = BareServer("grpc+tls://127.0.0.1:0", table, tls_certificates=[pair])
-    print(server.port, flush=True)
+    tls = BareServer("grpc+tls://127.0.0.1:0", table, tls_certificates=[pair])
+    plain = BareServer("grpc://127.0.0.1:0", table)
+    print(tls.port, plain.port, flush=True)
     sys.stdin.read()
-    server.shutdown()
+    tls.shutdown()
+    plain.shutdown()
 
 
 if __name__ == "__main__":

@@ -176,11 +176,26 @@ class SpiceFlightServer(flight.FlightServerBase):
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", error.message))
             raise flight.FlightInternalError(f"Failed to execute query: {e}") from None
         query.executing()
+        pending = iter(result)
+        head: list[pa.RecordBatch] = []
+        try:
+            # Small results (the latency-sensitive case) are sent as a plain table: the C stream
+            # below costs close to a millisecond per call and is only needed for mid-stream errors.
+            for _ in range(2):
+                batch = next(pending, None)
+                if batch is None:
+                    query.finish(result.rows, None)
+                    return flight.RecordBatchStream(pa.Table.from_batches(head, result.schema))
+                head.append(batch)
+        except QueryError as e:
+            query.finish(result.rows, "QueryExecutionError")
+            return flight.RecordBatchStream(streams.failing_reader("invalid_argument", _bare(str(e)), result.schema))
 
         def batches() -> Iterator[pa.RecordBatch]:
             outcome = "Cancelled"  # the client went away before the end
             try:
-                yield from result
+                yield from head
+                yield from pending
                 outcome = "ok"
             except QueryError as e:
                 outcome = "QueryExecutionError"
