@@ -34,6 +34,7 @@ from .encode import (
 log = logging.getLogger("runtime.http")
 
 PROTOCOL = {"protocol": "http"}
+SMALL_RESULT_ROWS = 8191  # below DataFusion's batch size: a short first batch usually is the last
 
 
 class StreamAborted(Exception):
@@ -66,7 +67,12 @@ class QueryRun:
         self.engine_seconds += time.perf_counter() - began
         self._batches = coalesce(iter(stream))
         self._encoder = encoder_for(self.media_type, stream.schema)
-        return [*self._encoder.begin(), *self.step()]
+        chunks = [*self._encoder.begin(), *self.step()]
+        if not self.done and self.rows <= SMALL_RESULT_ROWS:
+            # A small first batch is often the whole result: finishing here lets it go out as one
+            # plain response, without a second thread hop or chunked framing.
+            chunks += self.step()
+        return chunks
 
     def step(self) -> Chunks:
         """The next batch's bytes; after the last batch, the encoder's closing bytes and `done`."""
@@ -175,4 +181,7 @@ async def sql_endpoint(request: Request) -> Response:
         log.exception("Failed to encode query results")
         run.finish(QueryError(str(e), kind="internal"))
         return PlainTextResponse("Failed to encode query results", status_code=500)
+    if run.done:
+        run.finish()
+        return Response(b"".join(first), headers={"content-type": CONTENT_TYPES[run.media_type]})
     return QueryResponse(run, first)
