@@ -20,11 +20,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Debian tools needed by the load benchmarks and soak runs (wrk, h2load).
+# Debian tools needed by the load benchmarks and soak runs (wrk, h2load, stunnel for wrk under mTLS).
 .PHONY: load-tools
 load-tools:
-	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null; }
+	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v stunnel4 >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client stunnel4 >/dev/null; }
 
 bench: install load-tools
 	$(BIN)/python -m bench
