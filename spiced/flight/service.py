@@ -218,6 +218,9 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, sql.UnknownCommand):
             self._begin(context)
             raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        if isinstance(command, sql.CorruptCommand):
+            self._begin(context)
+            raise _Refusal(command.message, "invalid_argument")
         self._begin(context, sql.command_label(command))
         ticket = sql.pack(command)  # stateless: the ticket is the command itself
         if isinstance(command, pb.CommandStatementQuery):
@@ -251,6 +254,9 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, sql.UnknownCommand):
             self._begin(context)
             raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        if isinstance(command, sql.CorruptCommand):
+            self._begin(context)
+            raise _Refusal(command.message, "invalid_argument")
         self._begin(context, sql.command_label(command))
         if isinstance(command, pb.CommandStatementQuery):
             return flight.SchemaResult(self._plan_schema(command.query))
@@ -273,6 +279,9 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, sql.UnknownCommand):
             self._begin(context)
             return flight.RecordBatchStream(streams.failing_reader("unimplemented", NOT_IMPLEMENTED))
+        if isinstance(command, sql.CorruptCommand):
+            self._begin(context)
+            return flight.RecordBatchStream(streams.failing_reader("invalid_argument", command.message))
         self._begin(context, sql.command_label(command))
         if isinstance(command, pb.CommandStatementQuery):
             return self._stream_query(command.query, "flightsql")

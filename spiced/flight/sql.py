@@ -56,7 +56,14 @@ class UnknownCommand:
     type_url: str
 
 
-Command = Union[RawSql, UnknownCommand, Message]
+@dataclass(frozen=True, slots=True)
+class CorruptCommand:
+    """An `Any` of a command type we serve whose payload does not decode: the client's error."""
+
+    message: str
+
+
+Command = Union[RawSql, UnknownCommand, CorruptCommand, Message]
 
 
 def pack(message: Message) -> bytes:
@@ -83,8 +90,11 @@ def parse_command(data: bytes) -> Command:
     if cls is None:
         return UnknownCommand(wrapped.type_url)
     message = cls()
-    if not wrapped.Unpack(message):
-        return UnknownCommand(wrapped.type_url)
+    try:
+        if not wrapped.Unpack(message):
+            return UnknownCommand(wrapped.type_url)
+    except DecodeError as e:
+        return CorruptCommand(f"Invalid {name}: {e}")
     return message
 
 
