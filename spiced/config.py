@@ -179,6 +179,13 @@ _EXT_FORMATS: dict[str, FileFormat] = {
 }
 
 
+def _param_text(value: str | bool | int | float | None) -> str:
+    """Upstream turns numbers and booleans into strings (`true`, not Python's `True`)."""
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretResolver) -> Dataset:
     prefix = f"Failed to start Spice runtime: Unable to load spicepod {file}: datasets[{i}]"
     source, sep, rest = d.from_.partition(":")
@@ -190,8 +197,7 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
             f"{prefix}.name: Dataset names should not include a catalog. Unexpected '{catalog}' in '{d.name}'. "
             f"Remove '{catalog}' from the dataset name and try again."
         )
-    params = {k: secrets.resolve(str(v).lower() if isinstance(v, bool) else str(v), f"datasets[{i}].params.{k}").value
-              for k, v in d.params.items()}
+    params = {k: secrets.resolve(_param_text(v), f"datasets[{i}].params.{k}").value for k, v in d.params.items()}
     rel = rest[2:] if rest.startswith("//") else rest
     path = Path(rel) if Path(rel).is_absolute() else workdir / rel
     fmt_text = params.get("file_format")

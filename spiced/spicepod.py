@@ -7,7 +7,7 @@ unknown keys; unknown top-level keys are ignored, as upstream.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -92,11 +92,14 @@ class AccelerationSpec(_Strict):
         return v.lower()
 
 
+Scalar = Union[str, bool, int, float, None]
+
+
 class DatasetSpec(_Strict):
     from_: str = Field(alias="from")
     name: str
     description: Optional[str] = None
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Scalar] = Field(default_factory=dict)
     acceleration: Optional[AccelerationSpec] = None
     metadata: Optional[dict[str, Any]] = None
     dependsOn: Optional[list[str]] = None
@@ -156,6 +159,25 @@ def find_spicepod(path: Path) -> Path:
     )
 
 
+MAX_ALIASES = 100
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a cap on alias references: a few lines of nested aliases
+    ("billion laughs") would otherwise expand to billions of nodes when the spicepod is walked."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} alias references; refusing to expand them")
+        return super().compose_node(parent, index)
+
+
 def _prefix(file: Path) -> str:
     return f"Failed to start Spice runtime: Unable to load spicepod {file}"
 
@@ -168,10 +190,12 @@ def read_spicepod(file: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{prefix}: {e}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         detail = " ".join(str(e).split())
         raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: expected a mapping at the top level")
     return raw
@@ -182,6 +206,8 @@ def validate_spicepod(file: Path, raw: dict[str, Any]) -> SpicepodSpec:
     prefix = _prefix(file)
     try:
         spec = SpicepodSpec.model_validate(raw)
+    except RecursionError:
+        raise ConfigError(f"{prefix}: Unable to parse spicepod.yaml: nested too deeply") from None
     except ValidationError as e:
         first = e.errors()[0]
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
