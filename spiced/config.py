@@ -129,11 +129,26 @@ def _bind_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+def looks_like_pem(text: str) -> bool:
+    return "-----BEGIN" in text or "\n" in text
+
+
+def _shown(text: str) -> str:
+    """A flag value fit for an error message: PEM (possibly a private key) is never echoed."""
+    return "<PEM text, not shown>" if looks_like_pem(text) else repr(text)
+
+
 def _bool_value(text: str) -> bool:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
-    raise argparse.ArgumentTypeError(f"invalid value '{text}': expected true or false")
+    raise argparse.ArgumentTypeError(f"invalid value {_shown(text)}: expected true or false")
+
+
+def _client_auth_mode(text: str) -> ClientAuthMode:
+    if text in ("none", "request", "required"):
+        return text  # type: ignore[return-value]
+    raise argparse.ArgumentTypeError(f"invalid value {_shown(text)}: expected none, request or required")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-certificate-file", metavar="PATH")
     p.add_argument("--tls-key", metavar="PEM")
     p.add_argument("--tls-key-file", metavar="PATH")
-    p.add_argument("--tls-client-auth-mode", choices=["none", "request", "required"])
+    p.add_argument("--tls-client-auth-mode", type=_client_auth_mode, metavar="<none|request|required>")
     p.add_argument("--tls-client-auth-ca-file", metavar="PATH")
     p.add_argument("--tls-client-auth-ca", metavar="PEM")
     p.add_argument("--pods-watcher-enabled", action="store_true")
@@ -225,7 +240,10 @@ def _material(
     cli_file: str | None, cli_inline: str | None, pod_file: str | None, pod_inline: str | None,
     key: str, secrets: SecretResolver,
 ) -> MaterialSource | None:
+    flag = "--tls-client-auth-ca" if key == "client_auth_ca" else f"--tls-{key}"
     if cli_file:
+        if looks_like_pem(cli_file):
+            raise TlsConfigError(f"{flag}-file was given PEM text instead of a path; pass inline PEM with {flag}")
         return MaterialSource("cli_file", path=Path(cli_file))
     if cli_inline:
         return MaterialSource("cli_inline", pem=cli_inline.encode())
@@ -233,6 +251,8 @@ def _material(
         r = secrets.resolve(pod_file, f"runtime.tls.{key}_file")
         if r.missing:
             raise TlsConfigError(f"runtime.tls.{key}_file references secret '{r.missing[0]}', which resolved to nothing")
+        if looks_like_pem(r.value):
+            raise TlsConfigError(f"runtime.tls.{key}_file holds PEM text instead of a path; use runtime.tls.{key} for inline PEM")
         return MaterialSource("spicepod_file", path=Path(r.value))
     if pod_inline:
         r = secrets.resolve(pod_inline, f"runtime.tls.{key}")
