@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 import ssl
 import threading
 from collections.abc import Mapping
@@ -93,6 +94,7 @@ class TlsManager:
 
     def log_startup(self) -> None:
         log.info("%s", self.subject_line())
+        _warn_if_expired(self._pair, self._settings.certificate.describe(), log)
         mode, ca = self._settings.client_auth_mode, self._settings.client_ca
         if mode == "none" or ca is None:
             log.debug("Public TLS client certificates: not requested (client_auth_mode=none)")
@@ -229,6 +231,7 @@ class TlsManager:
         if pair is not None:
             reload_log.info("TLS reload: swapped server certificate", extra={"fields": {
                 "cert_path": s.certificate.path, "fingerprint": pair.fingerprint, "scope": SCOPE}})
+            _warn_if_expired(pair, f"file {s.certificate.path}", reload_log)
         if ca is not None and s.client_ca is not None:
             reload_log.info("TLS reload: swapped client CA bundle", extra={"fields": {
                 "ca_path": s.client_ca.path, "scope": SCOPE}})
@@ -259,3 +262,12 @@ def _read(source: MaterialSource, files: FileWatch | None) -> bytes:
                             "io_error")
     assert read.data is not None
     return read.data
+
+
+def _warn_if_expired(pair: CertKeyPair, source: str, logger: logging.Logger) -> None:
+    """An expired certificate that parses is still served (as upstream does; clients decide), but
+    an operator should hear about it."""
+    not_after = pair.leaf.not_valid_after_utc
+    if not_after < datetime.now(timezone.utc):
+        logger.warning("TLS certificate from %s has expired (not valid after %s); clients that verify it will refuse",
+                       source, not_after.isoformat())
