@@ -1,4 +1,5 @@
-"""Request bodies with a size cap: 2 MiB, checked from Content-Length first and while reading.
+"""Request bodies with a size cap (2 MiB, checked from Content-Length first and while reading)
+and a time cap (a client that withholds or trickles its body gets 408, not a held worker).
 
 A body over the cap is never kept. The rest of it is read and dropped (up to 16 MiB more, for
 at most 5 s) before the 413 goes out: a server that answers and closes while the client is
@@ -17,14 +18,25 @@ from starlette.responses import PlainTextResponse
 MAX_BODY_BYTES = 2 * 1024 * 1024
 DISCARD_BYTES = 16 * 1024 * 1024
 DISCARD_SECONDS = 5.0
+BODY_SECONDS = 10.0
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The whole body, or BodyTooLarge once it is known to exceed `limit`."""
+class BodyTooSlow(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES, seconds: float = BODY_SECONDS) -> bytes:
+    """The whole body; BodyTooLarge once it is known to exceed `limit`, BodyTooSlow past `seconds`."""
+    with anyio.move_on_after(seconds):
+        return await _read_capped(request, limit)
+    raise BodyTooSlow
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     declared = int(length) if length is not None and length.strip().isdigit() else None
     if declared is not None and declared > limit + DISCARD_BYTES:
@@ -51,6 +63,11 @@ async def _discard(chunks: AsyncIterator[bytes]) -> None:
             budget -= len(chunk)
             if budget < 0:
                 return
+
+
+def too_slow() -> PlainTextResponse:
+    return PlainTextResponse(f"Request body not received within {BODY_SECONDS:g} s", status_code=408,
+                             headers={"connection": "close"})
 
 
 def too_large() -> PlainTextResponse:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from ..state import RuntimeState
-from .body import BodyTooLarge, read_body, too_large
+from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
 from .openapi import OPENAPI
 
 REDACTED = "<redacted>"
@@ -132,6 +132,8 @@ async def refresh(request: Request) -> Response:
         await read_body(request)  # overrides (refresh_sql, refresh_mode, …) are not supported: ignored
     except BodyTooLarge:
         return too_large()
+    except BodyTooSlow:
+        return too_slow()
     task = asyncio.create_task(state.engine.refresh(ds), name=f"refresh {ds.name}")
     _REFRESHES.add(task)  # keep a reference until it finishes
     task.add_done_callback(_REFRESHES.discard)

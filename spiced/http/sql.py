@@ -20,7 +20,7 @@ from starlette.types import Send
 
 from ..errors import QueryError
 from ..state import RuntimeState
-from .body import BodyTooLarge, read_body, too_large
+from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
 from .encode import (
     CONTENT_TYPES,
     Chunks,
@@ -164,6 +164,8 @@ async def sql_endpoint(request: Request) -> Response:
         body = await read_body(request)
     except BodyTooLarge:
         return too_large()
+    except BodyTooSlow:
+        return too_slow()
     try:
         sql = body.decode("utf-8")
     except UnicodeDecodeError as e:
