@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 from datafusion import SessionContext

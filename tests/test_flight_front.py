@@ -62,11 +62,6 @@ class Rig:
         return f"grpc+tls://127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
 def start_rig(pki: Pki, tmp_path: Path, mode: str, **front_kw: Any) -> Rig:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     shutil.copyfile(pki.server.cert, cert)

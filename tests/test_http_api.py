@@ -124,12 +124,6 @@ def sample_value(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as lt:
-        yield lt
-
-
-@pytest.fixture(scope="module")
 def api(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     workdir = write_pod(tmp_path_factory.mktemp("api"), POD)
     (workdir / "cities.csv").write_text(CITIES_CSV)

@@ -27,17 +27,6 @@ CERT_REQUIRED = b'{"message":"Valid client TLS certificate required"}'
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as lt:
-        yield lt
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def keyed(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     with api_server(loop, make_state(write_pod(tmp_path_factory.mktemp("keys")), api_keys=KEYS)) as server:
         yield server

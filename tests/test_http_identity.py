@@ -54,17 +54,6 @@ async def refuse(request: Request) -> PlainTextResponse:
 APP = Starlette(routes=[Route("/whoami", whoami), Route("/refuse", refuse, methods=["POST"])])
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as lt:
-        yield lt
-
-
 @dataclass
 class Server:
     url: str

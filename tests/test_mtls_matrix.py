@@ -18,11 +18,6 @@ MODES = ("none", "request", "required")
 CLIENTS = ("anonymous", "valid", "foreign", "expired", "server_usage")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture(scope="module", params=MODES)
 def runtime(request: pytest.FixtureRequest, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     mode = request.param

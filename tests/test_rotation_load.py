@@ -55,11 +55,6 @@ POLL = 2.0
 ROWS = 20_000
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
 # ------------------------------------------------------------------------ fast variant of the soak
 
 

@@ -51,11 +51,6 @@ INTERMEDIATE = MozillaTlsConfiguration.get(TlsConfigurationEnum.MOZILLA_INTERMED
 pytestmark = pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
 @dataclass
 class RsaChain:
     root: Path  # the anchor: given to the scanner, never served

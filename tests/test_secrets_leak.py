@@ -49,11 +49,6 @@ def leaks(text: str, pieces: set[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def key(pki: Pki) -> Issued:
     """The known key: the server's own, so the runtime can also run with it."""
     return pki.server

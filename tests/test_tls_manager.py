@@ -7,7 +7,6 @@ import logging
 import re
 import ssl
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,6 @@ from tests.tlsprobe import (
     s_client,
     serve_echo,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as lt:
-        yield lt
 
 
 def make(pki: Pki, mode: str = "none") -> TlsManager:

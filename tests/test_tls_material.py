@@ -19,11 +19,6 @@ from tests.pki import SERVER_SUBJECT, SERVER_SUBJECT_LINE, Pki
 from tests.tlsprobe import key_body_lines
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
 def self_signed(attrs: list[tuple[x509.ObjectIdentifier, str]], key: object = None) -> tuple[x509.Certificate, object]:
     key = key or ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +41,6 @@ POLL = 2.0  # the product's interval: rotations must be seen within it
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def v2(pki: Pki) -> Issued:
     return pki.issue_server("v2")
 
@@ -54,12 +48,6 @@ def v2(pki: Pki) -> Issued:
 @pytest.fixture(scope="module")
 def v3(pki: Pki) -> Issued:
     return pki.issue_server("v3")
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    with LoopThread() as lt:
-        yield lt
 
 
 @dataclass
