@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
 from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
@@ -217,6 +217,29 @@ class Engine:
             return self.ctx.table(name).schema()
         except Exception:
             return None
+
+
+def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
+             max_bytes: int = 4 * 1024 * 1024) -> Iterator[pa.RecordBatch]:
+    """Merge small batches (DataFusion's are 8,192 rows) into ones of about `rows` rows or
+    `max_bytes` of Arrow data, so encoders and Flight make fewer, larger calls while a chunk in
+    flight stays a few MiB. The first batch goes out alone, so the first byte leaves early."""
+    pending: list[pa.RecordBatch] = []
+    count = size = 0
+    first = True
+    for batch in batches:
+        if first:
+            first = False
+            yield batch
+            continue
+        pending.append(batch)
+        count += batch.num_rows
+        size += batch.nbytes
+        if count >= rows or size >= max_bytes:
+            yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            pending, count, size = [], 0, 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
 
 
 class QueryStream:

@@ -179,7 +179,7 @@ def test_large_result_streams_batch_by_batch(client: fl.FlightClient, state: Run
         rows += chunk.data.num_rows
         batches += 1
     assert (rows, last) == (2_000_000, 2_000_000)
-    assert batches > 100
+    assert batches > 20  # coalesced to ~64K rows, still many batches, never one collected result
     assert value(state.metrics, "query_active_count", protocol="flight") == 0
 
 

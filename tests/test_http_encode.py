@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow import ipc
 
+from spiced.engine import coalesce
 from spiced.http.encode import (
     ArrowStreamEncoder,
     CsvEncoder,
     TableEncoder,
-    coalesce,
     encode_all,
     encoder_for,
     negotiate,

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
+from ..engine import coalesce
 from ..errors import QueryError
 from ..state import RuntimeState
 from . import flight_sql_pb2 as pb
@@ -176,7 +177,7 @@ class SpiceFlightServer(flight.FlightServerBase):
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", error.message))
             raise flight.FlightInternalError(f"Failed to execute query: {e}") from None
         query.executing()
-        pending = iter(result)
+        pending = coalesce(result)
         head: list[pa.RecordBatch] = []
         try:
             # Small results (the latency-sensitive case) are sent as a plain table: the C stream

@@ -7,7 +7,7 @@ it is for humans), or an Arrow IPC stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import pyarrow as pa
@@ -209,29 +209,3 @@ class ArrowStreamEncoder:
     def end(self) -> Chunks:
         self._writer.close()
         return [self._sink.take()]
-
-
-# ------------------------------------------------------------------ batching
-
-
-def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
-             max_bytes: int = 4 * 1024 * 1024) -> Iterator[pa.RecordBatch]:
-    """Merge small batches (DataFusion's are 8,192 rows) into ones of about `rows` rows or
-    `max_bytes` of Arrow data, so the encoders make fewer, larger kernel calls while a chunk in
-    flight stays a few MiB. The first batch goes out alone, so the first byte leaves early."""
-    pending: list[pa.RecordBatch] = []
-    count = size = 0
-    first = True
-    for batch in batches:
-        if first:
-            first = False
-            yield batch
-            continue
-        pending.append(batch)
-        count += batch.num_rows
-        size += batch.nbytes
-        if count >= rows or size >= max_bytes:
-            yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
-            pending, count, size = [], 0, 0
-    if pending:
-        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)

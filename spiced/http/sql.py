@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import Send
 
+from ..engine import coalesce
 from ..errors import QueryError
 from ..state import RuntimeState
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
@@ -26,7 +27,6 @@ from .encode import (
     Chunks,
     Encoder,
     MediaType,
-    coalesce,
     encoder_for,
     negotiate,
 )
