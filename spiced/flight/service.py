@@ -149,6 +149,15 @@ class SpiceFlightServer(flight.FlightServerBase):
             record.peer = context.peer()
         return record
 
+    def _refuse_undecodable(self, context: flight.ServerCallContext, command: sql.Command) -> None:
+        """Unary calls: a command type we do not serve, or one whose payload does not decode."""
+        if isinstance(command, sql.UnknownCommand):
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        if isinstance(command, sql.CorruptCommand):
+            self._begin(context)
+            raise _Refusal(command.message, "invalid_argument")
+
     # ------------------------------------------------------------ queries
 
     def _plan_schema(self, sql_text: str) -> pa.Schema:
@@ -216,12 +225,7 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, sql.RawSql):
             self._begin(context)
             return self._query_info(descriptor, command.data, command.data)
-        if isinstance(command, sql.UnknownCommand):
-            self._begin(context)
-            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
-        if isinstance(command, sql.CorruptCommand):
-            self._begin(context)
-            raise _Refusal(command.message, "invalid_argument")
+        self._refuse_undecodable(context, command)
         self._begin(context, sql.command_label(command))
         ticket = sql.pack(command)  # stateless: the ticket is the command itself
         if isinstance(command, pb.CommandStatementQuery):
@@ -252,12 +256,7 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, sql.RawSql):
             self._begin(context)
             return flight.SchemaResult(self._plan_schema(_decode_sql(command.data, "Invalid command")))
-        if isinstance(command, sql.UnknownCommand):
-            self._begin(context)
-            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
-        if isinstance(command, sql.CorruptCommand):
-            self._begin(context)
-            raise _Refusal(command.message, "invalid_argument")
+        self._refuse_undecodable(context, command)
         self._begin(context, sql.command_label(command))
         if isinstance(command, pb.CommandStatementQuery):
             return flight.SchemaResult(self._plan_schema(command.query))
