@@ -125,7 +125,9 @@ class Engine:
         table = self._read(ds).to_arrow_table()
         if self.ctx.table_exist(ds.name):
             self.ctx.deregister_table(ds.name)
-        self.ctx.register_record_batches(ds.name, [table.to_batches()] or [[]])
+        # DataFusion needs at least one batch to know the schema: an empty file gets an empty batch.
+        batches = table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        self.ctx.register_record_batches(ds.name, [batches])
         return table
 
     def register_all(self) -> None:
