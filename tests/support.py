@@ -40,6 +40,13 @@ datasets:
       enabled: true
 """
 TRIPS_CSV = "id,city,fare\n1,Seattle,12.5\n2,Portland,8.25\n3,Seattle,30.0\n"
+TRIPS_TABLE = ("+----+----------+------+\n"  # `SELECT * FROM trips` as the bordered text table
+               "| id | city     | fare |\n"
+               "+----+----------+------+\n"
+               "| 1  | Seattle  | 12.5 |\n"
+               "| 2  | Portland | 8.25 |\n"
+               "| 3  | Seattle  | 30.0 |\n"
+               "+----+----------+------+\n")
 
 
 def write_pod(workdir: Path, spicepod: str = BASIC_SPICEPOD, *, csv: str = TRIPS_CSV) -> Path:
@@ -209,3 +216,19 @@ def spiced_fails(workdir: Path, *args: str, env: dict[str, str] | None = None, t
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"spiced kept running: {e.stderr!r}") from None
     return Failed(done.returncode, ANSI.sub("", done.stderr))
+
+
+@contextmanager
+def run_tls_target(workdir: Path) -> Iterator[Runtime]:
+    """A TLS runtime to throw bad input at (its PKI as `rt.pki`); afterwards it must still be running
+    and must never have logged a traceback."""
+    from tests.pki import Pki
+
+    pki = Pki.create(workdir / "pki")
+    with run_spiced(workdir, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+                    "--tls-key-file", str(pki.server.key)) as runtime:
+        runtime.pki = pki  # type: ignore[attr-defined]
+        yield runtime
+        assert runtime.proc.poll() is None, "the runtime died under bad input"
+    text = "\n".join(runtime.logs())
+    assert "Traceback" not in text, text[-3000:]

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spice_cli.app import app
-from tests.support import Runtime, run_spiced, write_pod
+from tests.support import TRIPS_TABLE, Runtime, run_spiced, write_pod
 
 _SCRIPT = Path(sys.executable).with_name("spice")
 SPICE = [str(_SCRIPT)] if _SCRIPT.exists() else \
@@ -32,13 +32,6 @@ BANNER = "Welcome to the Spice.ai SQL REPL! Type 'help' for help.\n\nshow tables
 TIME = r"Time: \d+(\.\d{1,9})? seconds\."  # integer nanoseconds: at most 9 decimals
 HINT = ("Check if the Spice runtime is running, endpoint including port is correct, and TLS config (if used) "
         "is valid.")
-TRIPS = ("+----+----------+------+\n"
-         "| id | city     | fare |\n"
-         "+----+----------+------+\n"
-         "| 1  | Seattle  | 12.5 |\n"
-         "| 2  | Portland | 8.25 |\n"
-         "| 3  | Seattle  | 30.0 |\n"
-         "+----+----------+------+\n")
 
 
 def spice(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -117,7 +110,7 @@ def test_piped_script_over_plain_grpc(plain: Runtime) -> None:
     done = spice("sql", "--endpoint", plain.flight_uri, stdin=SCRIPT)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.startswith(BANNER + TRIPS + "\n")
+    assert out.startswith(BANNER + TRIPS_TABLE + "\n")
     blocks = out[len(BANNER):].split("\n\n")
     assert re.fullmatch(TIME + " 3 rows.", blocks[1].splitlines()[0])
     assert blocks[1].splitlines()[1:] == ["+----------+---+", "| city     | n |", "+----------+---+",
@@ -144,7 +137,7 @@ def test_query_flag_runs_one_statement(plain: Runtime) -> None:
 def test_piped_over_tls(tls_only: Runtime, tls: Tls) -> None:
     done = spice("sql", "--endpoint", tls_only.flight_uri, *tls.root, stdin="SELECT * FROM trips ORDER BY id;\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(BANNER + TRIPS + "\n")
+    assert done.stdout.startswith(BANNER + TRIPS_TABLE + "\n")
 
 
 def test_tls_endpoint_without_trusting_the_ca_fails_to_connect(tls_only: Runtime) -> None:
@@ -273,7 +266,7 @@ def test_interactive_session(plain: Runtime, terminal: list[Terminal]) -> None:
     t.send("SELECT * FROM trips\r")
     t.expect(r"\n  ->")  # continuation prompt: the statement has no `;` yet
     t.send("ORDER BY id;\r")
-    t.expect(re.escape(TRIPS) + r"\n" + TIME + r" 3 rows\.\n")
+    t.expect(re.escape(TRIPS_TABLE) + r"\n" + TIME + r" 3 rows\.\n")
     t.send("SELECT * FROM nope;\r")
     t.expect(r"Query Error: [^\n]*nope[^\n]*\n")
     assert b"\x1b[31mQuery Error:\x1b[0m" in t.raw  # red label on a terminal

@@ -24,7 +24,13 @@ from spiced.flight.front import FlightTlsFront
 from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
 from tests.pki import Issued, Pki
-from tests.tlsprobe import client_context, file_settings, reload_counts, wait_for
+from tests.tlsprobe import (
+    client_context,
+    file_settings,
+    reload_counts,
+    rotate_pair,
+    wait_for,
+)
 
 BATCH = pa.record_batch({"v": pa.array(range(1_000_000), pa.int64())})  # 8 MB
 BIG_BATCHES = 40  # 320 MB through the front
@@ -148,11 +154,7 @@ def test_large_doget_streams_across_a_certificate_swap(rig: Rig, pki: Pki) -> No
         before = who(c)
         reader = c.do_get(fl.Ticket(b"big"))
         rows = reader.read_chunk().data.num_rows
-        tmp = rig.key.with_name("tmp.pem")
-        tmp.write_bytes(v2.key_pem)
-        os.replace(tmp, rig.key)
-        tmp.write_bytes(v2.cert_pem)
-        os.replace(tmp, rig.cert)
+        rotate_pair(rig.cert, rig.key, v2)
         rig.mgr.check_for_changes()
         assert reload_counts(rig.metrics) == {"ok": 1}
         assert served_serial(rig.port, pki) == v2.serial  # new handshakes get v2 mid-stream

@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from pyarrow import flight
 
 from spiced.flight import flight_sql_pb2 as pb
-from tests.pki import Pki
-from tests.support import Runtime, run_spiced, write_pod
+from tests.support import Runtime, run_tls_target, write_pod
 
 SQL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 KNOWN = sorted(name for name in pb.DESCRIPTOR.message_types_by_name if name.startswith(("Command", "Action")))
@@ -67,15 +66,8 @@ def assert_clean(code: str, message: str, allowed: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    work = write_pod(tmp_path_factory.mktemp("fuzz-flight"))
-    pki = Pki.create(work / "pki")
-    with run_spiced(work, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
-                    "--tls-key-file", str(pki.server.key)) as runtime:
-        runtime.pki = pki  # type: ignore[attr-defined]
+    with run_tls_target(write_pod(tmp_path_factory.mktemp("fuzz-flight"))) as runtime:
         yield runtime
-        assert runtime.proc.poll() is None, "the runtime died during the fuzzing"
-    text = "\n".join(runtime.logs())
-    assert "Traceback" not in text
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.pki import Pki
-from tests.support import Runtime, run_spiced, write_pod
+from tests.support import Runtime, run_tls_target, write_pod
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -113,15 +112,8 @@ def _tls_socket(rt: Runtime, alpn: str = "http/1.1") -> ssl.SSLSocket:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    work = write_pod(tmp_path_factory.mktemp("fuzz-http"), SPICEPOD)
-    pki = Pki.create(work / "pki")
-    with run_spiced(work, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
-                    "--tls-key-file", str(pki.server.key)) as runtime:
-        runtime.pki = pki  # type: ignore[attr-defined]
+    with run_tls_target(write_pod(tmp_path_factory.mktemp("fuzz-http"), SPICEPOD)) as runtime:
         yield runtime
-        assert runtime.proc.poll() is None, "the runtime died during the fuzzing"
-    text = "\n".join(runtime.logs())
-    assert "Traceback" not in text, text[-3000:]
 
 
 @pytest.fixture(scope="module")

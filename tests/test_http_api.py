@@ -38,7 +38,7 @@ from spiced.http.openapi import OPENAPI
 from spiced.http.server import serve
 from spiced.metrics import Metrics
 from spiced.state import Endpoint, RuntimeState
-from tests.support import run_spiced, write_pod
+from tests.support import TRIPS_TABLE, run_spiced, write_pod
 from tests.tlsprobe import LoopThread, wait_for
 
 POD = """\
@@ -212,14 +212,7 @@ def test_csv_text_and_arrow_stream_parse_back(http: httpx.Client) -> None:
 
     r = http.post("/v1/sql", content=sql, headers={"Accept": "text/plain"})
     assert r.headers["content-type"] == "text/plain; charset=utf-8"
-    assert r.text == (
-        "+----+----------+------+\n"
-        "| id | city     | fare |\n"
-        "+----+----------+------+\n"
-        "| 1  | Seattle  | 12.5 |\n"
-        "| 2  | Portland | 8.25 |\n"
-        "| 3  | Seattle  | 30.0 |\n"
-        "+----+----------+------+\n")
+    assert r.text == TRIPS_TABLE
 
 
 def test_csv_with_no_rows_is_header_only_and_arrow_stream_keeps_the_schema(http: httpx.Client) -> None:

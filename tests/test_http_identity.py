@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import socket
 import ssl
@@ -29,7 +28,7 @@ from spiced.http.server import current_tls_info, serve
 from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
 from tests.pki import Issued, Pki
-from tests.tlsprobe import LoopThread, file_settings
+from tests.tlsprobe import LoopThread, file_settings, rotate_pair
 
 PROTOCOLS = pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
 
@@ -183,11 +182,7 @@ def test_keep_alive_connection_survives_a_rotation(server: Server, pki: Pki, htt
     v2 = pki.issue_server(f"rot-{'h2' if http2 else 'h11'}")
     with client(pki, pki.client, http2=http2) as c:
         before = c.get(server.url + "/whoami")
-        tmp = server.key.with_name("key.tmp")
-        tmp.write_bytes(v2.key_pem)
-        os.replace(tmp, server.key)
-        tmp.write_bytes(v2.cert_pem)
-        os.replace(tmp, server.cert)
+        rotate_pair(server.cert, server.key, v2)
         server.mgr.check_for_changes()
         after = c.get(server.url + "/whoami")
         assert after.status_code == 200

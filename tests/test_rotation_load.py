@@ -49,7 +49,7 @@ from bench.soak_probe import ReloadCounter, client_ctx
 from tests import support
 from tests.pki import SERVER_SUBJECT, Issued, Pki, issue
 from tests.support import run_spiced
-from tests.tlsprobe import key_body_lines
+from tests.tlsprobe import key_body_lines, replace_atomically
 
 POLL = 2.0
 ROWS = 20_000
@@ -106,9 +106,7 @@ BAD_CASES = [
 def _replace(path: Path, data: bytes) -> None:
     if path.is_dir():
         path.rmdir()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    replace_atomically(path, data)
 
 
 def _apply_bad(case: str, cert: Path, key: Path, current: Issued, pki: Pki, expired: Issued) -> None:

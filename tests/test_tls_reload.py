@@ -30,6 +30,8 @@ from tests.tlsprobe import (
     key_body_lines,
     refused,
     reload_counts,
+    replace_atomically,
+    rotate_pair,
     s_client_serial,
     serve_echo,
     wait_for,
@@ -94,12 +96,6 @@ def write_in_place(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def run_watch(loop: LoopThread, mgr: TlsManager) -> tuple[asyncio.Event, object]:
     async def make_event() -> asyncio.Event:
         return asyncio.Event()
@@ -135,8 +131,7 @@ def test_in_place_rewrite_is_served_within_the_poll_interval(r: Rig, loop: LoopT
 def test_atomic_rename_is_served_within_the_poll_interval(r: Rig, loop: LoopThread, v2: Issued) -> None:
     watch = run_watch(loop, r.mgr)
     try:
-        replace_atomically(r.key, v2.key_pem)
-        replace_atomically(r.cert, v2.cert_pem)
+        rotate_pair(r.cert, r.key, v2)
         took = wait_for(lambda: r.serial() == v2.serial, timeout=2 * POLL + 1.0)
     finally:
         stop_watch(loop, watch)
@@ -173,8 +168,7 @@ def test_kubelet_symlink_swap_is_served_within_the_poll_interval(pki: Pki, loop:
 
 def test_new_material_reaches_clients_that_send_no_sni(r: Rig, v2: Issued) -> None:
     assert s_client_serial(r.port, r.pki.ca.cert) == r.pki.server.serial
-    replace_atomically(r.key, v2.key_pem)
-    replace_atomically(r.cert, v2.cert_pem)
+    rotate_pair(r.cert, r.key, v2)
     r.mgr.check_for_changes()
     assert s_client_serial(r.port, r.pki.ca.cert) == v2.serial  # s_client to an IP literal sends no SNI
 
@@ -186,8 +180,7 @@ def test_open_connection_keeps_its_certificate_and_keeps_working(r: Rig, v2: Iss
     with socket.create_connection(("127.0.0.1", r.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(b"before\n")
         assert tls.recv(100).endswith(b"|before\n")
-        replace_atomically(r.key, v2.key_pem)
-        replace_atomically(r.cert, v2.cert_pem)
+        rotate_pair(r.cert, r.key, v2)
         r.mgr.check_for_changes()
         assert r.serial() == v2.serial  # a new handshake gets v2 ...
         tls.sendall(b"after\n")  # ... while this connection carries on
@@ -199,8 +192,7 @@ def test_open_connection_keeps_its_certificate_and_keeps_working(r: Rig, v2: Iss
 
 
 def test_alpn_survives_a_swap(r: Rig, v2: Issued) -> None:
-    replace_atomically(r.key, v2.key_pem)
-    replace_atomically(r.cert, v2.cert_pem)
+    rotate_pair(r.cert, r.key, v2)
     r.mgr.check_for_changes()
     hs = handshake(r.port, client_context(r.pki, alpn=["h2", "http/1.1"]))
     assert (hs.serial, hs.alpn) == (v2.serial, "h2")
@@ -225,8 +217,7 @@ def test_garbage_pem_keeps_the_old_certificate(r: Rig, v2: Issued, caplog: pytes
     r.mgr.check_for_changes()
     assert r.counts() == {"parse_error": 1}
     # and the next good rotation goes through
-    replace_atomically(r.key, v2.key_pem)
-    replace_atomically(r.cert, v2.cert_pem)
+    rotate_pair(r.cert, r.key, v2)
     r.mgr.check_for_changes()
     assert r.serial() == v2.serial and r.counts() == {"parse_error": 1, "ok": 1}
 
@@ -290,8 +281,7 @@ def test_unchanged_content_is_not_a_reload(r: Rig) -> None:
 
 def test_swap_log_line_names_path_fingerprint_and_scope(r: Rig, v2: Issued, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="runtime.tls.reload"):
-        replace_atomically(r.key, v2.key_pem)
-        replace_atomically(r.cert, v2.cert_pem)
+        rotate_pair(r.cert, r.key, v2)
         r.mgr.check_for_changes()
     [record] = caplog.records
     from spiced.tls.material import fingerprint
@@ -419,8 +409,7 @@ def test_bad_ca_keeps_old_ca_without_blocking_a_good_certificate(pki: Pki, loop:
     assert r.ca is not None
     with caplog.at_level(logging.INFO, logger="runtime.tls.reload"):
         write_in_place(r.ca, b"-----BEGIN CERTIFICATE-----\n@@@\n-----END CERTIFICATE-----\n")
-        replace_atomically(r.key, v2.key_pem)
-        replace_atomically(r.cert, v2.cert_pem)
+        rotate_pair(r.cert, r.key, v2)
         r.mgr.check_for_changes()
     assert r.counts() == {"ok": 1, "parse_error": 1}
     hs = handshake(r.port, client_context(pki, pki.client))

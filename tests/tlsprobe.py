@@ -9,6 +9,7 @@ what was served, settings builders and counter readings. Nothing here stands in 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import subprocess
@@ -182,3 +183,16 @@ def key_body_lines(*keys: Path) -> Iterator[str]:
         for line in key.read_text().splitlines():
             if line and not line.startswith("-----"):
                 yield line
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write `data` beside `path` and rename it into place, as cert-manager and `mv` do."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def rotate_pair(cert: Path, key: Path, issued: Issued) -> None:
+    """Rename a new key, then its certificate, into place."""
+    replace_atomically(key, issued.key_pem)
+    replace_atomically(cert, issued.cert_pem)
