@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,7 +379,3 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
         verbosity=2 if args.very_verbose else args.verbose,
         workdir=workdir,
     )
-
-
-def env_log_filter() -> str | None:
-    return os.environ.get("SPICED_LOG")
