@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
 from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
+from datafusion.record_batch import RecordBatchStream
 
 from .config import Dataset, Spicepod
 from .errors import QueryError
@@ -72,6 +73,7 @@ class Engine:
         self._states: dict[str, DatasetState] = {}
         self._lock = threading.Lock()
         self._refresh_tasks: list[asyncio.Task[None]] = []
+        self._loop = _WaitLoop()
 
     # -------------------------------------------------------------- datasets
 
@@ -190,8 +192,13 @@ class Engine:
         await asyncio.to_thread(self.load_one, ds, refresh=True)
 
     def stop(self) -> None:
+        """No more refreshes; queries under way go on."""
         for t in self._refresh_tasks:
             t.cancel()
+
+    def close(self) -> None:
+        """After the drain: queries are over."""
+        self._loop.stop()
 
     # -------------------------------------------------------------- queries
 
@@ -205,14 +212,19 @@ class Engine:
     def schema(self, sql: str) -> pa.Schema:
         return self.plan(sql).schema()
 
-    def execute(self, sql: str) -> "QueryStream":
-        """Plan and start executing; errors raised before the first batch are QueryErrors."""
+    def execute(self, sql: str, timeout: float | None = None) -> "QueryStream":
+        """Plan and start executing; errors raised before the first batch are QueryErrors.
+
+        With a `timeout` (seconds from now), a batch not ready by then ends the query with a
+        QueryError of kind `timeout`, and the query stops running (see `QueryStream`)."""
         df = self.plan(sql)
         try:
             stream = df.execute_stream()
         except Exception as e:
             raise QueryError(engine_message(e)) from None
-        return QueryStream(df.schema(), stream)
+        if timeout is None:
+            return QueryStream(df.schema(), stream)
+        return QueryStream(df.schema(), stream, _Deadline(timeout, self._loop.get()))
 
     def table_schema(self, name: str) -> pa.Schema | None:
         try:
@@ -244,24 +256,89 @@ def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
         yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
 
 
-class QueryStream:
-    """A running query: its schema and an iterator of record batches (errors mid-stream are QueryErrors)."""
+class _WaitLoop:
+    """An event loop on a thread of its own, started on first use, where timed queries wait for
+    their batches. DataFusion stops a query when its stream is dropped, but a blocking `next()`
+    cannot be interrupted; an awaited `__anext__` can, and cancelling it drops the Rust future."""
 
-    def __init__(self, schema: pa.Schema, stream: object) -> None:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="query-deadlines", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._loop = None
+
+
+class _Deadline:
+    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.loop = loop
+
+    def error(self) -> QueryError:
+        return QueryError(f"Query timed out after {self.seconds:g}s", kind="timeout")
+
+
+async def _next_within(stream: RecordBatchStream, seconds: float) -> object:
+    return await asyncio.wait_for(stream.__anext__(), seconds)
+
+
+class QueryStream:
+    """A running query: its schema and an iterator of record batches (errors mid-stream are QueryErrors).
+
+    Under a deadline, each batch is awaited on the wait loop for at most the time left; past it
+    the wait is cancelled and the stream dropped, which cancels DataFusion's tasks. DataFusion
+    stops at its next batch boundary, so an operator busy on one huge batch runs on until it ends.
+    """
+
+    def __init__(self, schema: pa.Schema, stream: RecordBatchStream, deadline: _Deadline | None = None) -> None:
         self.schema = schema
-        self._stream = stream
+        self._stream: RecordBatchStream | None = stream
+        self._deadline = deadline
         self.rows = 0
 
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        it = iter(self._stream)  # type: ignore[call-overload]
-        while True:
+    def _next(self) -> object:
+        assert self._stream is not None
+        if self._deadline is None:
+            return next(self._stream)
+        deadline = self._deadline
+        left = deadline.at - time.monotonic()
+        if left > 0:
+            waiting = asyncio.run_coroutine_threadsafe(_next_within(self._stream, left), deadline.loop)
             try:
-                batch = next(it)
+                return waiting.result()
+            except StopAsyncIteration:
+                raise StopIteration from None
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+            del waiting  # its exception's traceback still holds the stream
+        # Raised outside the except block, so no exception context keeps the stream alive:
+        # dropping this last reference is what stops the query.
+        self._stream = None
+        raise deadline.error()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while self._stream is not None:
+            try:
+                batch = self._next()
             except StopIteration:
                 return
+            except QueryError:
+                raise
             except Exception as e:
                 raise QueryError(engine_message(e)) from None
-            rb = batch.to_pyarrow()
+            rb = batch.to_pyarrow()  # type: ignore[attr-defined]
             self.rows += rb.num_rows
             yield rb
 

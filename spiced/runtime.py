@@ -15,6 +15,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Awaitable
@@ -112,6 +113,7 @@ class Runtime:
         self._tasks.append(asyncio.create_task(state.engine.load_all()))
         await self._stop.wait()
         await self._drain()
+        self.state.engine.close()
         log.info("Goodbye!")
         return 0
 
@@ -194,14 +196,25 @@ class Runtime:
                 await t
 
     async def _stop_flight(self) -> None:
-        # The front stops accepting at once and keeps open connections until their streams end;
-        # gRPC's Shutdown waits for running calls. Both block, so they run in threads under the bound.
+        deadline = time.monotonic() + DRAIN_SECONDS
+        # gRPC's Shutdown closes a connection as soon as its last call has returned, which can cut
+        # the tail of a stream still on its way through the TLS front. So the front stops accepting
+        # first, and gRPC is shut down once the calls are over and their bytes have left the front.
+        if self._front is not None and self._flight is not None:
+            self._front.stop_accepting()
+            while time.monotonic() < deadline:
+                if self._flight.active_calls == 0 and await self._front.settled(0.1):
+                    break
+                await asyncio.sleep(0.05)
+        # The front keeps open connections until gRPC closes them (or the bound is reached); gRPC's
+        # Shutdown waits for running calls. Both block, so they run in threads under the bound.
+        left = max(deadline - time.monotonic(), 0.0)
         stoppers = []
         if self._front is not None:
-            stoppers.append(threading.Thread(target=self._front.stop, args=(DRAIN_SECONDS,), daemon=True))
+            stoppers.append(threading.Thread(target=self._front.stop, args=(left,), daemon=True))
         if self._flight is not None:
             stoppers.append(threading.Thread(target=self._flight.shutdown, daemon=True))
         for t in stoppers:
             t.start()
         for t in stoppers:
-            await asyncio.to_thread(t.join, DRAIN_SECONDS)
+            await asyncio.to_thread(t.join, left + 1.0)

@@ -21,6 +21,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from ..identity import ClientIdentity
@@ -48,6 +49,7 @@ class FlightTlsFront:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+        self._last_traffic = 0.0  # monotonic time of the last bytes through any pipe
 
     # ------------------------------------------------------------------ public API
 
@@ -70,6 +72,25 @@ class FlightTlsFront:
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5.0)
+
+    def stop_accepting(self) -> None:
+        """Refuse new connections from now on; open ones go on."""
+        loop = self._loop
+        if loop is not None and self._server is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._server.close)
+
+    async def settled(self, quiet: float) -> bool:
+        """From any loop: whether no byte has crossed the front for `quiet` seconds and none waits
+        in a write buffer, i.e. everything a finished call sent has left for its client."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return True
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._settled(quiet), loop))
+
+    async def _settled(self, quiet: float) -> bool:
+        if time.monotonic() - self._last_traffic < quiet:
+            return False
+        return all(pipe.buffered() == 0 for pipe in self._pipes)
 
     def identity_for(self, peer: str) -> ClientIdentity | None:
         """The verified client certificate of the connection gRPC names `peer` (None: anonymous/unknown)."""
@@ -139,6 +160,7 @@ class FlightTlsFront:
         if tls is None or pipe.closed:
             return
         assert isinstance(tls, asyncio.Transport)
+        pipe.tcp = transport
         pipe.connection_made(tls)
 
     def _opened(self, pipe: _ClientSide) -> None:
@@ -193,6 +215,8 @@ class _ClientSide(asyncio.Protocol):
         self.closed = False
         self._early: list[bytes] = []
         self._connecting: asyncio.Task[None] | None = None
+        self.tcp: asyncio.Transport | None = None  # under the TLS transport
+        self._closing: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -238,6 +262,7 @@ class _ClientSide(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.front._last_traffic = time.monotonic()
         if self.backend is not None:
             self.backend.write(data)
         else:
@@ -262,6 +287,33 @@ class _ClientSide(asyncio.Protocol):
             self.backend.close()  # flushes what is buffered first
         self.front._closed(self)
 
+    def backend_closed(self) -> None:
+        """gRPC closed its side: send what is buffered and a close_notify, then close the socket
+        once the kernel has every byte, without waiting for the client's close_notify (asyncio
+        would wait up to 30 s for it, and gRPC clients do not always send one)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.close()
+        self._closing = asyncio.get_running_loop().create_task(self._close_when_sent())
+
+    async def _close_when_sent(self) -> None:
+        assert self.transport is not None
+        while not self.closed and (self.transport.get_write_buffer_size()
+                                   + (self.tcp.get_write_buffer_size() if self.tcp is not None else 0)) > 0:
+            await asyncio.sleep(0.05)
+        if not self.closed:
+            self.transport.abort()  # a plain close(2): the kernel still delivers what it holds
+
+    def buffered(self) -> int:
+        """Bytes accepted from one side and not yet handed to the other side's socket."""
+        total = 0
+        for t in (self.transport, self.backend):
+            try:
+                total += t.get_write_buffer_size() if t is not None else 0
+            except (AttributeError, RuntimeError):  # torn down: nothing left to send
+                pass
+        return total
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -276,6 +328,7 @@ class _BackendSide(asyncio.Protocol):
         self.client = client
 
     def data_received(self, data: bytes) -> None:
+        self.client.front._last_traffic = time.monotonic()
         if self.client.transport is not None:
             self.client.transport.write(data)
 
@@ -291,5 +344,4 @@ class _BackendSide(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.client.transport is not None:
-            self.client.transport.close()  # flushes what is buffered first
+        self.client.backend_closed()

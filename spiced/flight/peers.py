@@ -75,10 +75,26 @@ def _basic_password(header: str | None) -> str | None:
     return password if sep else None
 
 
+class ActiveCalls:
+    """How many Flight calls have started and not completed; the drain waits for none."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self._count += delta
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
 class CallRecord(flight.ServerMiddleware):
     """One Flight call. `command` and `identity` are filled by the handler once it knows them."""
 
-    def __init__(self, method: str, metrics: Metrics, token: str | None = None) -> None:
+    def __init__(self, method: str, metrics: Metrics, active: ActiveCalls, token: str | None = None) -> None:
         self.method = method
         self.command: str | None = None
         self.identity: ClientIdentity | None = None
@@ -86,6 +102,8 @@ class CallRecord(flight.ServerMiddleware):
         self.started = time.perf_counter()
         self._metrics = metrics
         self._token = token
+        self._active = active
+        active.add(1)
 
     @staticmethod
     def of(context: flight.ServerCallContext) -> "CallRecord | None":
@@ -96,6 +114,7 @@ class CallRecord(flight.ServerMiddleware):
         return {"authorization": f"Bearer {self._token}"} if self._token is not None else {}
 
     def call_completed(self, exception: BaseException | None) -> None:
+        self._active.add(-1)
         elapsed_ms = (time.perf_counter() - self.started) * 1000
         labels = {"method": self.method}
         if self.command:
@@ -117,6 +136,7 @@ class CallMiddlewareFactory(flight.ServerMiddlewareFactory):
     def __init__(self, api_keys: ApiKeys, metrics: Metrics) -> None:
         self._keys = api_keys
         self._metrics = metrics
+        self.active = ActiveCalls()
 
     def start_call(self, info: flight.CallInfo, headers: Mapping[str, Sequence[str | bytes]]) -> CallRecord:
         method = _METHODS.get(info.method, "unknown")
@@ -124,10 +144,10 @@ class CallMiddlewareFactory(flight.ServerMiddlewareFactory):
         if info.method == flight.FlightMethod.HANDSHAKE:
             token = self._handshake_token(authorization)
             _handshake_tokens[threading.get_ident()] = token
-            return CallRecord(method, self._metrics, token)
+            return CallRecord(method, self._metrics, self.active, token)
         if self._keys.enabled and not self._keys.accepts(bearer_token(authorization)):
             raise flight.FlightUnauthenticatedError("Unauthenticated: invalid or missing API key")
-        return CallRecord(method, self._metrics)
+        return CallRecord(method, self._metrics, self.active)
 
     def _handshake_token(self, authorization: str | None) -> str:
         if not self._keys.enabled:

@@ -18,7 +18,9 @@ with any code and a clean message (`stream.failing_reader`). So:
   (`FlightServerError`) with the same clean message (see `_Refusal`).
 - GetSchema is the exception: pyarrow 26 has no Flight-error path there at all, so it sends the
   exact code and pyarrow's traceback comes with it.
-- INTERNAL, DEADLINE_EXCEEDED and UNAUTHENTICATED are exact everywhere.
+- INTERNAL, DEADLINE_EXCEEDED and UNAUTHENTICATED are exact everywhere, but for a query that
+  times out after its first batches were sent: the C stream cannot carry DEADLINE_EXCEEDED, so
+  that stream ends with UNKNOWN and the same clean `Query timed out after <t>s`.
 """
 
 from __future__ import annotations
@@ -131,8 +133,14 @@ class SpiceFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, state: RuntimeState, identities: IdentityLookup = no_identity) -> None:
         self.state = state
         self._identities = identities
-        super().__init__(location, auth_handler=HandshakeAuth(),
-                         middleware={MIDDLEWARE_KEY: CallMiddlewareFactory(state.api_keys, state.metrics)})
+        calls = CallMiddlewareFactory(state.api_keys, state.metrics)
+        self._active = calls.active
+        super().__init__(location, auth_handler=HandshakeAuth(), middleware={MIDDLEWARE_KEY: calls})
+
+    @property
+    def active_calls(self) -> int:
+        """Calls started and not yet completed (a DoGet completes once its last batch is written)."""
+        return self._active.count
 
     # ------------------------------------------------------------ per call
 
@@ -178,7 +186,7 @@ class SpiceFlightServer(flight.FlightServerBase):
     def _stream_query(self, sql_text: str, protocol: Literal["flight", "flightsql"]) -> flight.RecordBatchStream:
         query = _QueryMetrics(self.state, protocol)
         try:
-            result = self.state.engine.execute(sql_text)
+            result = self.state.engine.execute(sql_text, self.state.config.query_timeout)
         except QueryError as e:
             query.finish(0, "QueryPlanningError")
             error = _planning_error(e)
@@ -198,6 +206,9 @@ class SpiceFlightServer(flight.FlightServerBase):
                     return flight.RecordBatchStream(pa.Table.from_batches(head, result.schema))
                 head.append(batch)
         except QueryError as e:
+            if e.kind == "timeout":
+                query.finish(result.rows, "QueryTimeout")
+                raise flight.FlightTimedOutError(str(e)) from None
             query.finish(result.rows, "QueryExecutionError")
             return flight.RecordBatchStream(streams.failing_reader("invalid_argument", _bare(str(e)), result.schema))
 
@@ -208,6 +219,9 @@ class SpiceFlightServer(flight.FlightServerBase):
                 yield from pending
                 outcome = "ok"
             except QueryError as e:
+                if e.kind == "timeout":
+                    outcome = "QueryTimeout"
+                    raise streams.StreamError("unknown", str(e)) from None
                 outcome = "QueryExecutionError"
                 raise streams.StreamError("invalid_argument", _bare(str(e))) from None
             finally:

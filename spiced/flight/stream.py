@@ -23,8 +23,10 @@ import pyarrow as pa
 
 log = logging.getLogger("runtime.flight")
 
-StreamCode = Literal["invalid_argument", "unimplemented"]
-_ERRNO: dict[StreamCode, int] = {"invalid_argument": errno.EINVAL, "unimplemented": errno.ENOSYS}
+StreamCode = Literal["invalid_argument", "unimplemented", "unknown"]
+# Arrow's C stream import maps EINVAL and ENOSYS to exact statuses; any other errno is sent as UNKNOWN.
+_ERRNO: dict[StreamCode, int] = {"invalid_argument": errno.EINVAL, "unimplemented": errno.ENOSYS,
+                                 "unknown": errno.ETIMEDOUT}
 _ARROW_ARRAY_SIZE = 80  # sizeof(struct ArrowArray): 5 int64 + 5 pointers
 
 
