@@ -1,5 +1,7 @@
 """`make bench`: the runtime against references measured in the same run. Prints medians and ratios.
 
+`python -m bench [http] [queries] [flight]` runs only those sections.
+
 Sections: HTTP `/v1/sql SELECT 1` under wrk; a GROUP BY over 5M parquet rows via HTTP and Flight next to
 in-process DataFusion; a 1M-row result as JSON over HTTP next to DataFusion's own JSON writer, and as
 Arrow over HTTP and Flight; Flight DoGet over our TLS front next to a bare pyarrow server with native
@@ -173,7 +175,13 @@ def flight_tls_rows(ours_tls: str, ours_plain: str, pki: Pki, parquet: Path) -> 
     ]
 
 
+SECTIONS = ("http", "queries", "flight")
+
+
 def main() -> None:
+    chosen = sys.argv[1:] or list(SECTIONS)
+    if unknown := set(chosen) - set(SECTIONS):
+        sys.exit(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     parquet = big_parquet(ROWS)
     print(f"data: {parquet} ({ROWS:,} rows); cores: {os.cpu_count()}")
     ctx = SessionContext()
@@ -181,9 +189,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="spiced-bench-"))
     try:
         (work / "spicepod.yaml").write_text(spicepod(parquet))
-        with run_spiced(work, timeout=180) as rt:
-            report("HTTP", http_rows(rt.http_url))
-            report("Queries (plaintext)", query_rows(rt.http_url, rt.flight_uri, parquet, ctx))
+        if "http" in chosen or "queries" in chosen:
+            with run_spiced(work, timeout=180) as rt:
+                if "http" in chosen:
+                    report("HTTP", http_rows(rt.http_url))
+                if "queries" in chosen:
+                    report("Queries (plaintext)", query_rows(rt.http_url, rt.flight_uri, parquet, ctx))
+        if "flight" not in chosen:
+            return
         pki = Pki.create(work / "pki")
         with run_spiced(work, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
                         "--tls-key-file", str(pki.server.key), timeout=180) as tls_rt, \

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
-from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
+from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQLOptions
 from datafusion.record_batch import RecordBatchStream
 
 from .config import Dataset, Spicepod
@@ -74,6 +74,7 @@ class Engine:
         self._lock = threading.Lock()
         self._refresh_tasks: list[asyncio.Task[None]] = []
         self._loop = _WaitLoop()
+        self._stored: dict[str, list[pa.RecordBatch]] = {}  # accelerated datasets' Arrow batches
 
     # -------------------------------------------------------------- datasets
 
@@ -127,9 +128,14 @@ class Engine:
         table = self._read(ds).to_arrow_table()
         if self.ctx.table_exist(ds.name):
             self.ctx.deregister_table(ds.name)
-        # DataFusion needs at least one batch to know the schema: an empty file gets an empty batch.
-        batches = table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        # Stored as ~64K-row batches: a scan hands them out as they are, so results leave in a few
+        # large batches instead of DataFusion's 8K-row reads. DataFusion needs at least one batch
+        # to know the schema: an empty file gets an empty batch.
+        batches = list(coalesce(table.to_batches(), first_alone=False)) \
+            or [pa.RecordBatch.from_pylist([], schema=table.schema)]
         self.ctx.register_record_batches(ds.name, [batches])
+        with self._lock:
+            self._stored[ds.name] = batches
         return table
 
     def register_all(self) -> None:
@@ -218,13 +224,48 @@ class Engine:
         With a `timeout` (seconds from now), a batch not ready by then ends the query with a
         QueryError of kind `timeout`, and the query stops running (see `QueryStream`)."""
         df = self.plan(sql)
+        deadline = _Deadline(timeout, self._loop.get()) if timeout is not None else None
+        stored = self._stored_scan(df)
+        if stored is not None:
+            return QueryStream(df.schema(), stored, deadline)
         try:
             stream = df.execute_stream()
         except Exception as e:
             raise QueryError(engine_message(e)) from None
-        if timeout is None:
-            return QueryStream(df.schema(), stream)
-        return QueryStream(df.schema(), stream, _Deadline(timeout, self._loop.get()))
+        return QueryStream(df.schema(), stream, deadline)
+
+    def _stored_scan(self, df: DataFrame) -> Iterator[pa.RecordBatch] | None:
+        """For a plain scan of an accelerated dataset (`SELECT <columns> FROM <dataset>`: no filter,
+        limit, order, alias or expression), its stored Arrow batches, column-selected without a copy.
+        DataFusion would only re-slice them into 8K-row batches and pass them on. None otherwise."""
+        if not self._stored:
+            return None
+        try:
+            if not _is_column_scan(df.logical_plan()):  # the cheap test first: SELECT 1 is common
+                return None
+            plan = df.optimized_logical_plan()
+            top = plan.to_variant()
+            if type(top).__name__ == "TableScan":
+                scan, columns = top, None
+            elif _is_column_scan(plan):
+                scan = plan.inputs()[0].to_variant()
+                columns = [expr.to_variant().name() for expr in top.projections()]
+            else:
+                return None
+            if scan.filters() or scan.fetch() is not None:
+                return None
+            catalog, schema, name = scan.fqn()
+            scanned = dict((column, index) for index, column in scan.projection())
+            indices = list(scanned.values()) if columns is None else [scanned[c] for c in columns]
+        except Exception:  # a plan shape these bindings cannot describe: let DataFusion run it
+            return None
+        if catalog not in (None, "spice") or schema not in (None, "public"):
+            return None
+        with self._lock:
+            stored = self._stored.get(name)
+        if not stored or not pa.schema([stored[0].schema.field(i) for i in indices]).equals(df.schema()):
+            return None  # e.g. a refresh changed the schema since planning
+        return (batch.select(indices) for batch in stored)
 
     def table_schema(self, name: str) -> pa.Schema | None:
         try:
@@ -234,13 +275,14 @@ class Engine:
 
 
 def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
-             max_bytes: int = 4 * 1024 * 1024) -> Iterator[pa.RecordBatch]:
+             max_bytes: int = 4 * 1024 * 1024, *, first_alone: bool = True) -> Iterator[pa.RecordBatch]:
     """Merge small batches (DataFusion's are 8,192 rows) into ones of about `rows` rows or
     `max_bytes` of Arrow data, so encoders and Flight make fewer, larger calls while a chunk in
-    flight stays a few MiB. The first batch goes out alone, so the first byte leaves early."""
+    flight stays a few MiB. Batches already that large pass through uncopied. With `first_alone`
+    the first batch goes out as it is, so the first byte leaves early."""
     pending: list[pa.RecordBatch] = []
     count = size = 0
-    first = True
+    first = first_alone
     for batch in batches:
         if first:
             first = False
@@ -290,6 +332,18 @@ class _Deadline:
         return QueryError(f"Query timed out after {self.seconds:g}s", kind="timeout")
 
 
+def _is_column_scan(plan: LogicalPlan) -> bool:
+    """A TableScan, or a Projection of bare columns straight over one."""
+    node = plan.to_variant()
+    if type(node).__name__ == "TableScan":
+        return True
+    if type(node).__name__ != "Projection":
+        return False
+    inputs = plan.inputs()
+    return (len(inputs) == 1 and type(inputs[0].to_variant()).__name__ == "TableScan"
+            and all(expr.variant_name() == "Column" for expr in node.projections()))
+
+
 async def _next_within(stream: RecordBatchStream, seconds: float) -> object:
     return await asyncio.wait_for(stream.__anext__(), seconds)
 
@@ -297,24 +351,31 @@ async def _next_within(stream: RecordBatchStream, seconds: float) -> object:
 class QueryStream:
     """A running query: its schema and an iterator of record batches (errors mid-stream are QueryErrors).
 
-    Under a deadline, each batch is awaited on the wait loop for at most the time left; past it
-    the wait is cancelled and the stream dropped, which cancels DataFusion's tasks. DataFusion
-    stops at its next batch boundary, so an operator busy on one huge batch runs on until it ends.
+    Under a deadline, the first batch (where sorts, aggregates and joins spend their time) is
+    awaited on the wait loop for at most the time left; past it the wait is cancelled and the
+    stream dropped, which cancels DataFusion's tasks. Later batches are fetched directly (an await
+    costs about a millisecond per batch) and the deadline is checked between them. DataFusion
+    stops at its next yield point, so an operator busy on one huge batch runs on until it ends.
     """
 
-    def __init__(self, schema: pa.Schema, stream: RecordBatchStream, deadline: _Deadline | None = None) -> None:
+    def __init__(self, schema: pa.Schema, stream: RecordBatchStream | Iterator[pa.RecordBatch],
+                 deadline: _Deadline | None = None) -> None:
         self.schema = schema
-        self._stream: RecordBatchStream | None = stream
+        self._stream: RecordBatchStream | Iterator[pa.RecordBatch] | None = stream
         self._deadline = deadline
+        self._started = False  # whether the first batch has been awaited
         self.rows = 0
 
     def _next(self) -> object:
         assert self._stream is not None
-        if self._deadline is None:
-            return next(self._stream)
         deadline = self._deadline
+        if deadline is None:
+            return next(self._stream)
         left = deadline.at - time.monotonic()
+        if left > 0 and (self._started or not isinstance(self._stream, RecordBatchStream)):
+            return next(self._stream)
         if left > 0:
+            self._started = True
             waiting = asyncio.run_coroutine_threadsafe(_next_within(self._stream, left), deadline.loop)
             try:
                 return waiting.result()
@@ -338,7 +399,7 @@ class QueryStream:
                 raise
             except Exception as e:
                 raise QueryError(engine_message(e)) from None
-            rb = batch.to_pyarrow()  # type: ignore[attr-defined]
+            rb = batch if isinstance(batch, pa.RecordBatch) else batch.to_pyarrow()  # type: ignore[attr-defined]
             self.rows += rb.num_rows
             yield rb
 
