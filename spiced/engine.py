@@ -128,10 +128,10 @@ class Engine:
         table = self._read(ds).to_arrow_table()
         if self.ctx.table_exist(ds.name):
             self.ctx.deregister_table(ds.name)
-        # Stored as ~64K-row batches: a scan hands them out as they are, so results leave in a few
-        # large batches instead of DataFusion's 8K-row reads. DataFusion needs at least one batch
-        # to know the schema: an empty file gets an empty batch.
-        batches = list(coalesce(table.to_batches(), first_alone=False)) \
+        # Stored as batches of up to 256K rows and 4 MB: a plain scan hands them out as they are
+        # (see `_stored_scan`), in a few large messages. DataFusion needs at least one batch to
+        # know the schema: an empty file gets an empty batch.
+        batches = list(coalesce(table.to_batches(), 262_144, first_alone=False)) \
             or [pa.RecordBatch.from_pylist([], schema=table.schema)]
         self.ctx.register_record_batches(ds.name, [batches])
         with self._lock:
@@ -275,11 +275,12 @@ class Engine:
 
 
 def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
-             max_bytes: int = 4 * 1024 * 1024, *, first_alone: bool = True) -> Iterator[pa.RecordBatch]:
-    """Merge small batches (DataFusion's are 8,192 rows) into ones of about `rows` rows or
+             max_bytes: int = 4_000_000, *, first_alone: bool = True) -> Iterator[pa.RecordBatch]:
+    """Merge small batches (DataFusion's are 8,192 rows) into ones of up to `rows` rows and
     `max_bytes` of Arrow data, so encoders and Flight make fewer, larger calls while a chunk in
-    flight stays a few MiB. Batches already that large pass through uncopied. With `first_alone`
-    the first batch goes out as it is, so the first byte leaves early."""
+    flight stays under gRPC's common 4 MiB message limit (Go and tonic clients keep it by default).
+    Larger batches pass through uncopied. With `first_alone` the first batch goes out as it is,
+    so the first byte leaves early."""
     pending: list[pa.RecordBatch] = []
     count = size = 0
     first = first_alone
@@ -288,6 +289,9 @@ def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
             first = False
             yield batch
             continue
+        if pending and (count + batch.num_rows > rows or size + batch.nbytes > max_bytes):
+            yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            pending, count, size = [], 0, 0
         pending.append(batch)
         count += batch.num_rows
         size += batch.nbytes

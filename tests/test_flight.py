@@ -537,3 +537,29 @@ def test_mtls_behind_the_front_counts_identified_and_anonymous_calls(tmp_path: P
     subject = pki.client.certificate.subject.rfc4514_string()
     assert [c.get("client_subject") for c in calls if c["method"] == "do_get"] == [f'"{subject}"', None]
     assert all(c["peer"].startswith("unix-abstract:") for c in calls)
+
+
+def test_large_results_fit_a_4_mib_grpc_message_limit(tmp_path: Path) -> None:
+    """Go and tonic clients keep gRPC's default 4 MiB receive limit: no batch we send may exceed it,
+    whether it comes from the stored batches of an accelerated dataset or from DataFusion."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = pa.array(range(300_000), pa.int64())
+    text = pc.binary_join_element_wise(pa.scalar("x" * 40), pc.cast(ids, pa.string()), "")
+    pq.write_table(pa.table({"id": ids, "text": text}), tmp_path / "wide.parquet")
+    write_pod(tmp_path, "version: v1\nkind: Spicepod\nname: wide\ndatasets:\n  - from: file:wide.parquet\n"
+                        "    name: wide\n    acceleration:\n      enabled: true\n")
+    config = load_config([], workdir=tmp_path)
+    metrics = Metrics()
+    engine = Engine(config.spicepod, metrics)
+    engine.register_all()
+    asyncio.run(engine.load_all())
+    limit = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+    with serving(RuntimeState(config, engine, metrics, ApiKeys(()))) as server, \
+            fl.connect(f"grpc://127.0.0.1:{server.port}", generic_options=limit) as client:
+        for query in (b"SELECT * FROM wide", b"SELECT text, id FROM wide WHERE id >= 0"):
+            try:
+                assert client.do_get(fl.Ticket(query)).read_all().num_rows == 300_000
+            except (fl.FlightError, KeyboardInterrupt) as e:  # pyarrow reports the cancelled read as ^C
+                pytest.fail(f"{query!r}: {type(e).__name__} {e}")

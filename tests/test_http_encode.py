@@ -326,14 +326,14 @@ def test_coalesce_sends_the_first_batch_alone_then_merges() -> None:
     schema = pa.schema([("a", pa.int64())])
     small = [pa.RecordBatch.from_pylist([{"a": i}] * 10, schema=schema) for i in range(10)]
     out = list(coalesce(iter(small), rows=25))
-    assert [b.num_rows for b in out] == [10, 30, 30, 30]
+    assert [b.num_rows for b in out] == [10, 20, 20, 20, 20, 10]  # never over `rows`
     assert pa.Table.from_batches(out).equals(pa.Table.from_batches(small))
 
 
 def test_coalesce_bounds_chunk_bytes() -> None:
     wide = pa.RecordBatch.from_pylist([{"s": "x" * 1000}] * 1000)
     out = list(coalesce(iter([wide] * 20), rows=1_000_000, max_bytes=3_000_000))
-    assert max(b.nbytes for b in out) <= 3_000_000 + wide.nbytes
+    assert max(b.nbytes for b in out) <= 3_000_000  # under a gRPC message limit, not just near it
 
 
 def test_encoder_for_every_media_type() -> None:
