@@ -8,9 +8,12 @@ Four phases, each against a fresh `spiced` with TLS on all three listeners (HTTP
   4. client-CA bundle rotated by kubelet-style swap     (client_auth_mode required)
 
 While a phase rotates, it runs: wrk POSTing `/v1/sql` on 16 keep-alive connections, wrk opening a
-new connection per request, h2load rounds over HTTP/2 (mode none; wrk reaches the mTLS phases
-through stunnel, which presents the client certificate), pyarrow Flight DoGet streams (a
-long-lived client, a new client per stream, a slow reader whose streams span rotations), and a
+new connection per request (wrk reaches the mTLS phases through stunnel, which presents the client
+certificate), HTTP/2 from h2load rounds of new connections (mode none only: h2load cannot present a
+client certificate, and stunnel forwards no ALPN) and from httpx in every phase (one long-lived h2
+connection that must span every rotation, and new h2 connections; with the client certificate
+under mTLS, every response checked to be HTTP/2 negotiated by ALPN), pyarrow Flight DoGet streams
+(a long-lived client, a new client per stream, a slow reader whose streams span rotations), and a
 probe making fresh handshakes on every listener and recording the certificate served. A few invalid
 rotations are mixed in. Each rotation waits for `runtime_tls_reload_total` to count it.
 
@@ -41,6 +44,7 @@ from bench.soak_load import (
     FlightLoad,
     FlightTarget,
     H2loadLoop,
+    HttpxH2Load,
     Load,
     PyHttpLoad,
     Stunnel,
@@ -111,6 +115,12 @@ def run_phase(spec: PhaseSpec, pki: Pki, work: Path) -> PhaseReport:
                 load.result.detail += f"; streams running across a swap: {dict(spanning) or 0}"
                 if windows and not spanning["slow"]:
                     report.failures.append("no slow Flight stream ran across a rotation")
+            elif isinstance(load, HttpxH2Load):
+                spanned = load.spanning(windows)
+                load.result.detail += f"; long-lived conn across {spanned} of {len(windows)} swaps"
+                if spanned < len(windows):
+                    report.failures.append(f"{load.name}: the long-lived h2 connection ran across only "
+                                           f"{spanned} of {len(windows)} rotations")
         report.counts = counter.read()
         check_phase(spec, report, applied, probe.records, rt, pki)
     report.seconds = time.monotonic() - started
@@ -135,8 +145,13 @@ def start_loads(spec: PhaseSpec, rt: Runtime, pki: Pki, stack: ExitStack, mtls: 
     else:
         loads.append(PyHttpLoad("python /v1/sql, 16 keep-alive + 2 new-conn", rt.http_port,
                                 client_ctx(pki.ca.cert, cert, key), keepalive=16, fresh=2))
-    if spec.h2load and not mtls:
-        loads.append(H2loadLoop("h2load /v1/sql over h2, new conns per round", rt.http_url + "/v1/sql"))
+    if spec.h2load:
+        if not mtls:  # h2load presents no client certificate, and through stunnel it would get no ALPN
+            loads.append(H2loadLoop("h2load /v1/sql over h2, new conns per round", rt.http_url + "/v1/sql"))
+        # the client certificate is the load's own (pki.client), as for wrk/stunnel and Flight: its CA
+        # is in every bundle the CA rotations install, so it must be accepted throughout
+        loads.append(HttpxH2Load(f"httpx h2 long-lived + new conns{', client cert' if mtls else ''}",
+                                 rt.http_url + "/v1/sql", pki.ca.cert, cert, key))
     if spec.flight:
         target = FlightTarget(rt.flight_uri.replace("127.0.0.1", "localhost"), pki.ca.cert_pem,
                               pki.client.cert_pem if mtls else None, pki.client.key_pem if mtls else None)

@@ -1,7 +1,8 @@
 """Traffic for the soak: the load generators.
 
 Everything here is a real client of the real runtime on loopback: wrk and h2load (Debian), stunnel
-(so wrk can present a client certificate under mTLS), Python's http.client, and pyarrow Flight.
+(so wrk can present a client certificate under mTLS), Python's http.client, httpx over HTTP/2 (in
+a child process; it presents the client certificate where h2load cannot), and pyarrow Flight.
 Each generator runs until `stop()` and reports what it sent and what failed; nothing retries, so a
 request lost during a rotation shows up as a failure.
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import pyarrow.compute as pc
 from pyarrow import flight
@@ -197,6 +200,218 @@ class H2loadLoop:
         shutil.rmtree(self._dir, ignore_errors=True)
         self.result.detail = f"{self._rounds} rounds of new h2 connections"
         return self.result
+
+
+# ---------------------------------------------------------------------------------- Python HTTP/2
+
+
+class HttpxH2Load:
+    """HTTP/2 load from httpx (http2=True) in a child process of its own, so that it presents a
+    client certificate where h2load cannot (mTLS: stunnel forwards no ALPN, so h2load through it
+    would speak h2 without ever negotiating `h2`). Two loops run in the child:
+
+      long-lived: one connection carrying `streams` concurrent POST streams until stopped; the
+                  connection must outlive every rotation (a second connection is a failure);
+      new-conn:   a new client (new TCP connection, full handshake with the client certificate)
+                  per round of `per_conn` requests, `new_streams` of them in flight at a time.
+
+    Every response must be 200 over HTTP/2 on a connection whose ALPN negotiated `h2` (httpx keeps
+    HTTP/1.1 enabled, so `HTTP/2` here means the server chose h2 by ALPN, not prior knowledge).
+    Nothing retries. The child stops when its stdin closes and writes its counts as JSON; its
+    requests in flight at that moment complete and are counted."""
+
+    def __init__(self, name: str, url: str, ca: Path, cert: Path | None = None, key: Path | None = None, *,
+                 streams: int = 4, new_streams: int = 2, per_conn: int = 6, body: bytes = SQL_BODY) -> None:
+        self.name = name
+        self._dir = Path(tempfile.mkdtemp(prefix="soak-httpx-h2-"))
+        self._out, self._ready = self._dir / "result.json", self._dir / "ready"
+        config = {"url": url, "ca": str(ca), "cert": str(cert) if cert else None, "key": str(key) if key else None,
+                  "streams": streams, "new_streams": new_streams, "per_conn": per_conn, "body": body.decode(),
+                  "out": str(self._out), "ready": str(self._ready)}
+        (self._dir / "config.json").write_text(json.dumps(config))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
+        self.result = LoadResult(name)
+        self.long_lived: list[tuple[float, float, int]] = []  # (first, last response, requests) per connection
+
+    def start(self) -> None:
+        self._log = (self._dir / "child.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "bench.soak_load", "httpx-h2", str(self._dir / "config.json")],
+                                cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+                                stdout=self._log, stderr=subprocess.STDOUT)
+        self._proc = proc
+        # both loops have had a response (or the child died): the load runs before the first rotation
+        wait_until(lambda: self._ready.exists() or proc.poll() is not None, 60)
+
+    def stop(self) -> LoadResult:
+        assert self._proc is not None and self._proc.stdin is not None
+        result = self.result
+        try:
+            self._proc.stdin.close()  # the child's signal to stop
+        except OSError:
+            pass
+        try:
+            self._proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            result.fail("the httpx h2 child did not stop when told")
+        if self._log is not None:
+            self._log.close()
+        out = self._out
+        if not out.exists():
+            log = (self._dir / "child.log").read_text(errors="replace")
+            result.fail(f"httpx h2 child (rc {self._proc.returncode}) wrote no result: {log[-400:]!r}")
+            shutil.rmtree(self._dir, ignore_errors=True)
+            return result
+        s = json.loads(out.read_text())
+        shutil.rmtree(self._dir, ignore_errors=True)
+        result.sent += s["sent"]
+        result.failed += s["failed"]
+        result.errors += s["errors"][: MAX_ERRORS_KEPT - len(result.errors)]
+        self.long_lived = [tuple(c) for c in s["long_lived"]]  # type: ignore[misc]
+        for loop, n in s["sent_by_loop"].items():
+            if not n:
+                result.fail(f"the {loop} loop sent nothing")
+        long_requests = sum(n for _, _, n in self.long_lived)
+        result.detail = (f"statuses {s['statuses']}, protocols {s['protocols']}; long-lived: "
+                         f"{len(self.long_lived)} conn, {s['streams']} streams, {long_requests} req; "
+                         f"new-conn: {s['new_connections']} conns, {s['sent_by_loop']['new-conn']} req")
+        return result
+
+    def spanning(self, windows: list[tuple[float, float]]) -> int:
+        """Rotation windows (files landed, swap counted) that the long-lived connection served
+        requests on both sides of."""
+        return sum(1 for a, b in windows if any(first < a and last > b for first, last, _ in self.long_lived))
+
+
+def _httpx_h2_child(config_path: str) -> int:
+    """The child process of `HttpxH2Load` (python -m bench.soak_load httpx-h2 CONFIG)."""
+    import asyncio
+
+    import httpx
+
+    cfg = json.loads(Path(config_path).read_text())
+    ctx = ssl.create_default_context(cafile=cfg["ca"])
+    if cfg["cert"]:
+        ctx.load_cert_chain(cfg["cert"], cfg["key"])
+    body, url = cfg["body"].encode(), cfg["url"]
+    headers = {"content-type": "text/plain"}
+    sent_by_loop: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    protocols: Counter[str] = Counter()
+    errors: list[str] = []
+    failed = 0
+    new_connections = 0
+    long_lived: dict[int, list[float]] = {}  # id(connection) -> [first, last, requests]
+    keep: list[object] = []  # the connections seen, kept alive so that their ids stay unique
+
+    def fail(message: str) -> None:
+        nonlocal failed
+        failed += 1
+        if len(errors) < MAX_ERRORS_KEPT:
+            errors.append(message)
+
+    async def one(client: httpx.AsyncClient, loop: str) -> object | None:
+        """One POST; returns the network stream (the connection) it was answered on."""
+        sent_by_loop[loop] += 1
+        try:
+            response = await client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as e:
+            fail(f"{loop}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+        stream = response.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        statuses[str(response.status_code)] += 1
+        protocols[f"{response.http_version} (ALPN {alpn})"] += 1
+        if response.status_code != 200:
+            fail(f"{loop}: HTTP {response.status_code}: {response.content[:200]!r}")
+        elif response.http_version != "HTTP/2" or alpn != "h2":
+            fail(f"{loop}: answered over {response.http_version}, ALPN {alpn!r}")
+        return stream
+
+    def client() -> httpx.AsyncClient:
+        # one connection per client; HTTP/1.1 stays enabled so that h2 must come from ALPN
+        return httpx.AsyncClient(verify=ctx, http2=True, timeout=30.0,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def watch_stdin() -> None:
+            while sys.stdin.buffer.read(4096):
+                pass
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=watch_stdin, daemon=True).start()
+        ready = {"long-lived": asyncio.Event(), "new-conn": asyncio.Event()}
+
+        async def long_stream(c: httpx.AsyncClient) -> None:
+            while not stop.is_set():
+                stream = await one(c, "long-lived")
+                ready["long-lived"].set()
+                if stream is None:
+                    await asyncio.sleep(0.1)  # counted; do not spin against a server that is gone
+                    continue
+                now = time.monotonic()
+                if id(stream) not in long_lived:
+                    keep.append(stream)
+                    long_lived[id(stream)] = [now, now, 0]
+                    if len(long_lived) > 1:
+                        fail("long-lived: the connection was replaced (closed by the server?)")
+                span = long_lived[id(stream)]
+                span[1], span[2] = now, span[2] + 1
+
+        async def long_lived_loop() -> None:
+            async with client() as c:
+                await asyncio.gather(*(long_stream(c) for _ in range(cfg["streams"])))
+
+        async def new_connection() -> None:
+            """One new client: `per_conn` requests, `new_streams` in flight, on one new connection."""
+            nonlocal new_connections
+            streams: list[object] = []  # kept alive so that their ids stay unique
+            remaining = cfg["per_conn"]
+
+            async def worker(c: httpx.AsyncClient) -> None:
+                nonlocal remaining
+                while remaining > 0 and not stop.is_set():
+                    remaining -= 1
+                    stream = await one(c, "new-conn")
+                    if stream is None:
+                        await asyncio.sleep(0.1)
+                    elif all(stream is not s for s in streams):
+                        streams.append(stream)
+
+            async with client() as c:
+                await asyncio.gather(*(worker(c) for _ in range(cfg["new_streams"])))
+            ready["new-conn"].set()
+            new_connections += len(streams)
+            if len(streams) > 1:
+                fail(f"new-conn: one client's requests were spread over {len(streams)} connections")
+
+        async def new_conn_loop() -> None:
+            while not stop.is_set():
+                await new_connection()
+
+        async def mark_ready() -> None:
+            await asyncio.gather(*(e.wait() for e in ready.values()))
+            Path(cfg["ready"]).touch()
+
+        marker = asyncio.create_task(mark_ready())
+        await asyncio.gather(long_lived_loop(), new_conn_loop())
+        marker.cancel()
+
+    asyncio.run(main())
+    result = {"sent": sum(sent_by_loop.values()), "failed": failed, "errors": errors,
+              "sent_by_loop": {k: sent_by_loop[k] for k in ("long-lived", "new-conn")},
+              "statuses": dict(statuses), "protocols": dict(protocols), "new_connections": new_connections,
+              "long_lived": list(long_lived.values()), "streams": cfg["streams"]}
+    tmp = Path(cfg["out"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cfg["out"])
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ stunnel
@@ -459,3 +674,9 @@ class FlightLoad:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
         self.result.detail = f"DoGet streams: {kinds}; longest {self.longest_stream:.1f} s"
         return self.result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "httpx-h2":
+        sys.exit(_httpx_h2_child(sys.argv[2]))
+    sys.exit("usage: python -m bench.soak_load httpx-h2 CONFIG.json  (the child of HttpxH2Load)")

@@ -232,6 +232,6 @@ class PhaseSpec:
     valid: int
     invalid: tuple[str, ...]
     http_load: Literal["wrk", "python"] = "wrk"
-    h2load: bool = True
+    h2load: bool = True  # HTTP/2 load: h2load rounds (mode none) and httpx's HttpxH2Load (every phase)
     flight: bool = True
     rows: int = FLIGHT_ROWS  # rows of the `numbers` dataset in the workdir (see write_workdir)
