@@ -8,8 +8,15 @@ Hypercorn 0.18 gives an ASGI app no way to reach the transport, so `_TlsAwareTCP
 its connection handler (`hypercorn.asyncio.run.TCPServer`, looked up at call time): it reads the
 finished handshake and sets a ContextVar before the connection's tasks start, and every request
 task of that connection, HTTP/1.1 or each h2 stream, inherits it. The same subclass sets
-TCP_NODELAY and tolerates the TLS error of closing on a client that is still sending. Hypercorn
-is pinned in pyproject.toml for this; tests/test_http_identity.py guards it over h11 and h2.
+TCP_NODELAY and tolerates the TLS error of closing on a client that is still sending.
+
+Slow and withholding clients showed more that Hypercorn alone gets wrong, mended here too: an
+idle connection it closes waits 30 s for a close_notify that never comes (`_initiate_server_close`),
+one it cancels at the drain bound can hang the exit (`_read_data`), an h2 stream out of flow
+control credit buffers its whole response (`_StreamBuffer`), and DATA that outlives its stream
+kills the connection (`_H2Protocol`). Hypercorn is pinned in pyproject.toml for all this;
+tests/test_http_identity.py guards the TLS facts over h11 and h2, tests/test_slowloris_h2.py
+the rest.
 """
 
 from __future__ import annotations
@@ -22,17 +29,24 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import h2.events
 import hypercorn.asyncio.run
+import hypercorn.protocol
+import hypercorn.protocol.h2
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Event, Updated
+from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 
 from ..identity import ClientIdentity
 
 log = logging.getLogger("runtime.http")
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+# How long a connection closed for being idle may wait for the client's TLS close_notify.
+CLOSE_NOTIFY_GRACE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,8 @@ def current_tls_info() -> TlsInfo | None:
 
 
 class _TlsAwareTCPServer(TCPServer):
+    _dropped = False  # set when the connection is dropped at the drain bound
+
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -84,7 +100,35 @@ class _TlsAwareTCPServer(TCPServer):
         ssl_object = self.writer.get_extra_info("ssl_object")
         if ssl_object is not None:
             _tls_info.set(TlsInfo.from_ssl_object(ssl_object))
-        await super().run()
+        try:
+            await super().run()
+        except asyncio.CancelledError:
+            if not self._dropped:
+                raise
+            # Dropped at the drain bound (below), and so ended: returning rather than ending as
+            # cancelled spares the log asyncio 3.11's "Exception in callback" (its
+            # client_connected_cb callback asks a cancelled task for its exception).
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        except asyncio.CancelledError:
+            # Cancelled past the drain bound (worker_serve gives up on the connections still open).
+            # Each task of the connection must end before it does, but one blocked writing to a
+            # client that stopped reading never did, and the process never exited; and asyncio
+            # would wait up to 30 s (ssl_shutdown_timeout) for a close_notify the client never
+            # sends. Dropping the connection now ends them all at once.
+            self._dropped = True
+            self.writer.transport.abort()
+            raise
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated) and self._dropped:
+            # After the drop, each h2 stream's app still reports its end, which would restart the
+            # idle timer in a task group already shutting down (RuntimeError, then an unhandled
+            # exception in the log for the connection). No timer is needed any more.
+            return
+        await super().protocol_send(event)
 
     async def _close(self) -> None:
         try:
@@ -104,9 +148,54 @@ class _TlsAwareTCPServer(TCPServer):
             # never answers TLS close_notify, and waiting for that would hold the exit for the
             # whole drain bound. Nothing is in flight on it, so dropping it loses nothing.
             self.writer.transport.abort()
+        else:
+            # Closed by the keep-alive timeout (nothing in flight; for h2, no stream open): the
+            # close_notify is on its way, and asyncio would then wait up to 30 s
+            # (ssl_shutdown_timeout) for the client's, which a slow-loris client never sends, so
+            # each of its connections was held 15 + 30 s. A client that reads has its
+            # close_notify within the grace; the abort is a no-op on a transport already closed.
+            self.loop.call_later(CLOSE_NOTIFY_GRACE, self.writer.transport.abort)
+
+
+class _StreamBuffer(StreamBuffer):
+    """An h2 stream's response buffer that resumes the app only once it has drained.
+
+    Hypercorn resumes the app when the chunk just popped is small, not when the buffer is. On a
+    stream whose flow-control window is spent (a client that stops granting credit), every push
+    wakes the sender, which pops 0 bytes and so resumes the app at once: the whole response piled
+    up in memory (GBs for a few large results). Here the app waits until less than the low-water
+    mark is left, so a stalled stream holds at most about one pushed chunk."""
+
+    async def pop(self, max_length: int) -> bytes:
+        length = min(len(self.buffer), max_length)
+        data = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        if len(self.buffer) < BUFFER_LOW_WATER:
+            await self._paused.set()
+        if len(self.buffer) == 0:
+            await self._is_empty.set()
+        return data
+
+
+class _H2Protocol(H2Protocol):
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        # Hypercorn forgets a stream once its app has answered, yet looks up the stream of every
+        # DATA frame: a client still sending the body (trickling past its 408, or posting to a
+        # route that answers without reading, e.g. a 401) raised KeyError out of the connection,
+        # logged as an unhandled exception, and every other stream on it was cut. That DATA is
+        # dropped instead, its flow-control credit returned so the connection window stays open.
+        # The events are handed over one at a time as a stream can end while one is handled.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                await super()._handle_events([event])
+        await self._flush()
 
 
 hypercorn.asyncio.run.TCPServer = _TlsAwareTCPServer  # type: ignore[attr-defined]
+hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]  # looked up by ProtocolWrapper
+hypercorn.protocol.h2.StreamBuffer = _StreamBuffer  # type: ignore[misc]  # looked up by H2Protocol
 
 
 class ListenerConfig(Config):
