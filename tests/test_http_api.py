@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pyarrow.csv as pacsv
 import pytest
@@ -283,6 +284,54 @@ def test_a_huge_declared_body_is_refused_before_it_is_read(api: ApiServer) -> No
         raw.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\nSELECT")
         answer = raw.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def _responses(raw: socket.socket, count: int) -> list[h11.Response]:
+    """Up to `count` responses read off one keep-alive connection, fewer if the server closes it."""
+    conn, found = h11.Connection(h11.CLIENT), []
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))  # h11 tracks one cycle per request
+    conn.send(h11.EndOfMessage())
+    while len(found) < count:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(raw.recv(65536))
+        elif isinstance(event, h11.Response):
+            found.append(event)
+        elif isinstance(event, h11.EndOfMessage):
+            if len(found) == count:
+                break
+            conn.start_next_cycle()
+            conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            conn.send(h11.EndOfMessage())
+        elif isinstance(event, h11.ConnectionClosed):
+            break
+    return found
+
+
+def test_a_body_the_route_does_not_read_keeps_the_connection_usable(api: ApiServer) -> None:
+    # The body arrives after the route has its answer ready (a GET sent with a body): the answer
+    # waits for it, so the connection stays reusable, instead of being closed unannounced.
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as raw:
+        raw.sendall(b"GET /v1/datasets HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        time.sleep(0.3)
+        raw.sendall(b"hello" + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, second = _responses(raw, 2)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert (b"connection", b"close") not in first.headers
+
+
+@pytest.mark.parametrize("declared, sent", [(b"Content-Length: 5", b""), (b"Content-Length: 1000000", b"x" * 1000),
+                                            (b"Transfer-Encoding: chunked", b"5\r\nhello\r\n")])
+def test_a_body_that_cannot_be_drained_is_announced_with_connection_close(api: ApiServer, declared: bytes,
+                                                                          sent: bytes) -> None:
+    # Withheld, too big to drain, or of unknown length: the answer says the connection ends.
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as raw:
+        raw.sendall(b"GET /v1/datasets HTTP/1.1\r\nHost: x\r\n" + declared + b"\r\n\r\n" + sent)
+        start = time.monotonic()
+        [response] = _responses(raw, 1)
+    assert response.status_code == 200
+    assert (b"connection", b"close") in response.headers
+    assert time.monotonic() - start < 3
 
 
 def test_error_after_the_first_batch_cuts_the_stream(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:

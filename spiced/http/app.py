@@ -1,9 +1,9 @@
 """The Starlette applications: the HTTP API (`create_app`) and the `--metrics` listener
 (`create_metrics_app`).
 
-Request path through the API: RequestObserver (metrics, access log) → ClientCertGate →
-ApiKeyGate → route. Unknown paths answer 404 and known paths with the wrong method 405 with an
-`Allow` header, both with an empty body.
+Request path through the API: BodyDrain (keep-alive safety) → RequestObserver (metrics, access
+log) → ClientCertGate → ApiKeyGate → route. Unknown paths answer 404 and known paths with the
+wrong method 405 with an `Allow` header, both with an empty body.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from ..state import RuntimeState
 from . import routes
+from .drain import BodyDrain
 from .gates import ApiKeyGate, ClientCertGate
 from .observe import RequestObserver
 from .sql import sql_endpoint
@@ -28,7 +29,8 @@ async def _empty_error(request: Request, exc: Exception) -> Response:
 
 
 def _starlette(route_list: list[Route], middleware: list[Middleware], state: RuntimeState) -> Starlette:
-    app = Starlette(routes=route_list, middleware=middleware, exception_handlers={HTTPException: _empty_error})
+    app = Starlette(routes=route_list, middleware=[Middleware(BodyDrain), *middleware],
+                    exception_handlers={HTTPException: _empty_error})
     app.router.redirect_slashes = False  # `/health/` is an unknown path, not a redirect
     app.state.runtime = state
     return app
