@@ -7,9 +7,13 @@ connection is bound to a unique abstract unix name before connecting, so gRPC re
 `context.peer() == "unix-abstract:<name>"` on the backend and `identity_for(peer)` finds the
 certificate that verified during this connection's handshake.
 
-One asyncio loop on its own thread runs every connection: Protocol callbacks, no per-connection
-tasks after setup, and backpressure both ways (a full write buffer on one side pauses reading on
-the other). Nothing is ever answered in plaintext: a connection is piped only after its handshake.
+One asyncio loop on its own thread runs every connection, but not through asyncio's transports:
+each connection is two non-blocking sockets driven by `add_reader` / `add_writer` callbacks and an
+`ssl.SSLObject` on memory BIOs. asyncio's TLS transport (pure Python since 3.11) costs more per
+chunk; here a chunk crosses in one recv, one call into OpenSSL and one send, and OpenSSL's records
+for a 256 KiB chunk leave in one send instead of one per 16 KiB record. Backpressure both ways:
+while a chunk waits for one socket to drain, the other side is not read. Nothing is ever answered
+in plaintext: a connection is piped only after its handshake.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from ..identity import ClientIdentity
 log = logging.getLogger("runtime.flight")
 
 _names = itertools.count(1)
-_WRITE_HIGH_WATER = 1024 * 1024  # per direction; beyond this the other side stops reading
+_CHUNK = 256 * 1024  # one read from either side; at most one chunk per direction waits in memory
+_LINGER = 1.0  # after our close_notify, how long a client may take to close its side
 
 
 class FlightTlsFront:
@@ -41,11 +46,11 @@ class FlightTlsFront:
         self._handshake_timeout = handshake_timeout
         self._connect_timeout = connect_timeout
         self._peers: dict[str, ClientIdentity | None] = {}
-        self._pipes: set[_ClientSide] = set()
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._pipes: set[_Pipe] = set()  # handshaken connections still carrying a call
+        self._others: set[_Pipe] = set()  # in their handshake, or lingering after the end
         self._no_pipes: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._accepting = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -76,12 +81,12 @@ class FlightTlsFront:
     def stop_accepting(self) -> None:
         """Refuse new connections from now on; open ones go on."""
         loop = self._loop
-        if loop is not None and self._server is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._server.close)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._close_listener)
 
     async def settled(self, quiet: float) -> bool:
         """From any loop: whether no byte has crossed the front for `quiet` seconds and none waits
-        in a write buffer, i.e. everything a finished call sent has left for its client."""
+        in the front, i.e. everything a finished call sent has left for its client."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return True
@@ -110,7 +115,9 @@ class FlightTlsFront:
         self._no_pipes = asyncio.Event()
         self._no_pipes.set()
         try:
-            self._server = loop.run_until_complete(loop.create_server(lambda: _Accepted(self), sock=self._sock))
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._accept)
+            self._accepting = True
         except BaseException as e:
             self._start_error = e
             self._ready.set()
@@ -120,7 +127,8 @@ class FlightTlsFront:
         try:
             loop.run_forever()
         finally:
-            for pipe in list(self._pipes):
+            self._close_listener()
+            for pipe in list(self._pipes | self._others):
                 pipe.abort()
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
@@ -128,48 +136,56 @@ class FlightTlsFront:
             loop.run_until_complete(asyncio.gather(*tasks, asyncio.sleep(0), return_exceptions=True))
             loop.close()
 
+    def _close_listener(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
     async def _shutdown(self, grace: float) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._handshakes):
-            task.cancel()
+        self._close_listener()
+        for pipe in list(self._others):
+            if not pipe.established:
+                pipe.abort()
         assert self._no_pipes is not None
+        deadline = time.monotonic() + grace
         try:
             await asyncio.wait_for(self._no_pipes.wait(), grace)
         except TimeoutError:
             pass
-        for pipe in list(self._pipes):
+        while self._others and time.monotonic() < deadline:  # lingering: each ends within _LINGER
+            await asyncio.sleep(0.02)
+        for pipe in list(self._pipes | self._others):
             pipe.abort()
 
-    def _start_handshake(self, transport: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))
-        self._handshakes.add(task)  # a reference, so the task cannot be collected mid-handshake
-        task.add_done_callback(self._handshakes.discard)
+    def _accept(self) -> None:
+        for _ in range(64):  # then let the open connections have a turn
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the next readiness retries
+                log.warning("Flight TLS front: cannot accept a connection: %s", e)
+                return
+            # Sockets bound without proto=IPPROTO_TCP (as the runtime's are) leave Nagle on; small
+            # gRPC calls then stall ~40 ms on delayed ACKs.
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)
+            _Pipe(self, conn, _peername(addr)).handshake()
 
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        # TLS is started by hand (not `create_server(ssl=...)`) so that a failed handshake can be
-        # logged at DEBUG with its reason; asyncio drops those silently.
-        pipe = _ClientSide(self)
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, pipe, self._ssl_context, server_side=True, ssl_handshake_timeout=self._handshake_timeout)
-        except (TimeoutError, OSError, ssl.SSLError, RuntimeError) as e:
-            log.debug("Flight TLS handshake with %s failed: %s", _peername(transport), e)
-            transport.abort()
-            return
-        if tls is None or pipe.closed:
-            return
-        assert isinstance(tls, asyncio.Transport)
-        pipe.tcp = transport
-        pipe.connection_made(tls)
-
-    def _opened(self, pipe: _ClientSide) -> None:
+    def _established(self, pipe: _Pipe) -> None:
+        self._others.discard(pipe)
         self._pipes.add(pipe)
         if self._no_pipes is not None:
             self._no_pipes.clear()
 
-    def _closed(self, pipe: _ClientSide) -> None:
+    def _finished(self, pipe: _Pipe, lingering: bool) -> None:
         self._pipes.discard(pipe)
+        if lingering:
+            self._others.add(pipe)
+        else:
+            self._others.discard(pipe)
         if pipe.peer is not None:
             self._peers.pop(pipe.peer, None)
         if not self._pipes and self._no_pipes is not None:
@@ -181,66 +197,88 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     log.debug("Flight TLS front: %s", context.get("message"), exc_info=context.get("exception"))
 
 
-def _peername(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+def _peername(addr: Any) -> str:
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
 
 
-class _Accepted(asyncio.Protocol):
-    """A new TCP connection, before TLS: hands it to the handshake."""
+class _Pipe:
+    """One client connection: its TCP socket with TLS on memory BIOs, and once the handshake is
+    done, its backend socket. Each direction holds at most one chunk that a socket could not take
+    whole (`_to_backend` plaintext, `_to_client` ciphertext); while it waits, the other side of
+    that direction is not read."""
 
-    def __init__(self, front: FlightTlsFront) -> None:
+    def __init__(self, front: FlightTlsFront, sock: socket.socket, name: str) -> None:
+        assert front._loop is not None
         self.front = front
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        # asyncio sets TCP_NODELAY only on sockets created with proto=IPPROTO_TCP, which a socket
-        # bound with `socket.socket()` is not; without it small gRPC calls stall on delayed ACKs.
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.pause_reading()
-        self.front._start_handshake(transport)
-
-
-class _ClientSide(asyncio.Protocol):
-    """The TLS side of one connection. `connection_made` is called by the front once the handshake
-    has completed; the first decrypted bytes can arrive just before it and are kept until then."""
-
-    def __init__(self, front: FlightTlsFront) -> None:
-        self.front = front
-        self.transport: asyncio.Transport | None = None
-        self.backend: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop = front._loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.name = name
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.tls = front._ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.backend: socket.socket | None = None
+        self.bfd = -1
         self.peer: str | None = None
+        self.established = False
         self.closed = False
-        self._early: list[bytes] = []
+        self._to_backend: memoryview | None = None
+        self._to_client: memoryview | None = None
+        self._backend_done = False  # gRPC closed its side: close once the client has it all
+        self._notified = False  # our close_notify is queued
+        self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self.tcp: asyncio.Transport | None = None  # under the TLS transport
-        self._closing: asyncio.Task[None] | None = None
+        front._others.add(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()  # until the backend is connected
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    # ------------------------------------------------------------------ handshake
+
+    def handshake(self) -> None:
+        self._timer = self.loop.call_later(self.front._handshake_timeout, self._handshake_timed_out)
+        self.loop.add_reader(self.fd, self._handshake_step)
+
+    def _handshake_step(self) -> None:
+        if not self._receive():
+            if not self.closed:
+                self._handshake_failed(ConnectionResetError("the client closed the connection"))
+            return
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as e:
+            self._flush()  # the alert, so the client learns why
+            self._handshake_failed(e)
+            return
+        self._flush()
+        self._cancel_timer()
+        self.loop.remove_reader(self.fd)  # until the backend is connected
+        der = self.tls.getpeercert(binary_form=True)
         identity = ClientIdentity.from_der(der) if der else None
-        self.front._opened(self)
-        self._connecting = asyncio.get_running_loop().create_task(self._connect(identity))
+        self.established = True
+        self.front._established(self)
+        self._connecting = self.loop.create_task(self._connect(identity))
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._handshake_failed(TimeoutError("no handshake within %.1f s" % self.front._handshake_timeout))
+
+    def _handshake_failed(self, e: BaseException) -> None:
+        log.debug("Flight TLS handshake with %s failed: %s", self.name, e)
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _connect(self, identity: ClientIdentity | None) -> None:
-        loop = asyncio.get_running_loop()
         name = f"rtfront-{os.getpid()}-{next(_names)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind("\0" + name)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, self.front._backend_path), self.front._connect_timeout)
-            # Registered before gRPC can see the connection, so the first call finds it.
-            self.peer = f"unix-abstract:{name}"
-            self.front._peers[self.peer] = identity
-            backend, _ = await loop.create_unix_connection(lambda: _BackendSide(self), sock=sock)
+            await asyncio.wait_for(self.loop.sock_connect(sock, self.front._backend_path), self.front._connect_timeout)
         except (TimeoutError, OSError) as e:
             sock.close()
             log.warning("Flight TLS front: cannot reach the Flight server: %s", e)
@@ -249,99 +287,216 @@ class _ClientSide(asyncio.Protocol):
         except asyncio.CancelledError:
             sock.close()
             raise
-        assert isinstance(backend, asyncio.Transport)
-        backend.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        self.backend = backend
         if self.closed:
-            backend.close()
+            sock.close()
             return
-        if self._early:
-            backend.write(b"".join(self._early))
-            self._early.clear()
-        if self.transport is not None:
-            self.transport.resume_reading()
+        # Registered before gRPC reads a byte of this connection, so the first call finds it.
+        self.peer = f"unix-abstract:{name}"
+        self.front._peers[self.peer] = identity
+        self.backend, self.bfd = sock, sock.fileno()
+        self.loop.add_reader(self.bfd, self._from_backend)
+        self._decrypt()  # the first records may have come with the end of the handshake
 
-    def data_received(self, data: bytes) -> None:
-        self.front._last_traffic = time.monotonic()
-        if self.backend is not None:
-            self.backend.write(data)
-        else:
-            self._early.append(data)
+    # ------------------------------------------------------------------ client → backend
 
-    def eof_received(self) -> bool:
-        return False  # asyncio's TLS transport cannot half-close; connection_lost closes the backend
+    def _receive(self) -> bool:
+        """Move what the client sent into the TLS object; False once the client has closed."""
+        try:
+            data = self.sock.recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as e:
+            log.debug("Flight TLS front: connection from %s lost: %s", self.name, e)
+            self.abort()
+            return False
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(data)
+        return True
 
-    def pause_writing(self) -> None:
-        if self.backend is not None:
-            self.backend.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.backend is not None:
-            self.backend.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
-        if self.backend is not None:
-            self.backend.close()  # flushes what is buffered first
-        self.front._closed(self)
-
-    def backend_closed(self) -> None:
-        """gRPC closed its side: send what is buffered and a close_notify, then close the socket
-        once the kernel has every byte, without waiting for the client's close_notify (asyncio
-        would wait up to 30 s for it, and gRPC clients do not always send one)."""
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.transport.close()
-        self._closing = asyncio.get_running_loop().create_task(self._close_when_sent())
-
-    async def _close_when_sent(self) -> None:
-        assert self.transport is not None
-        while not self.closed and (self.transport.get_write_buffer_size()
-                                   + (self.tcp.get_write_buffer_size() if self.tcp is not None else 0)) > 0:
-            await asyncio.sleep(0.05)
+    def _from_client(self) -> None:
+        self._receive()
         if not self.closed:
-            self.transport.abort()  # a plain close(2): the kernel still delivers what it holds
+            self._decrypt()
+
+    def _decrypt(self) -> None:
+        """Hand what the client sent, decrypted, to the backend in one send (OpenSSL gives one
+        record per read), then wait for more from the client or for the backend to drain."""
+        pieces: list[bytes] = []
+        while True:
+            try:
+                pieces.append(self.tls.read(_CHUNK))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # the client closed
+                if pieces:
+                    break  # deliver these first; the next read reports the end again
+                self.abort()  # TLS cannot half-close here: gRPC sees its connection end
+                return
+            except ssl.SSLError as e:
+                log.debug("Flight TLS front: connection from %s failed: %s", self.name, e)
+                self.abort()
+                return
+        if pieces:
+            self.front._last_traffic = time.monotonic()
+            self._send_backend(memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+        self._flush()  # TLS 1.3 may answer what it read (a key update)
+        if self.closed:
+            return
+        if self._to_backend is None:
+            self.loop.add_reader(self.fd, self._from_client)
+        else:
+            self.loop.remove_reader(self.fd)
+
+    def _send_backend(self, data: memoryview) -> None:
+        assert self.backend is not None
+        try:
+            sent = self.backend.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            log.debug("Flight TLS front: the Flight server closed %s: %s", self.peer, e)
+            self.abort()
+            return
+        if sent < len(data):
+            self._to_backend = data[sent:]
+            self.loop.add_writer(self.bfd, self._backend_writable)
+
+    def _backend_writable(self) -> None:
+        pending, self._to_backend = self._to_backend, None
+        self.loop.remove_writer(self.bfd)
+        if pending is not None:
+            self._send_backend(pending)
+        if self._to_backend is None and not self.closed:
+            self._decrypt()
+
+    # ------------------------------------------------------------------ backend → client
+
+    def _from_backend(self) -> None:
+        assert self.backend is not None
+        try:
+            data = self.backend.recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._backend_finished()
+            return
+        self.front._last_traffic = time.monotonic()
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as e:
+            log.debug("Flight TLS front: connection from %s failed: %s", self.name, e)
+            self.abort()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the records the TLS object has produced; what the socket cannot take waits."""
+        data = self._outgoing.read()
+        if not data or self.closed:
+            return
+        if self._to_client is not None:  # rare: records produced while a chunk waits
+            self._to_client = memoryview(self._to_client.tobytes() + data)
+            return
+        self._send_client(memoryview(data))
+
+    def _send_client(self, data: memoryview) -> None:
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            log.debug("Flight TLS front: connection from %s lost: %s", self.name, e)
+            self.abort()
+            return
+        if sent < len(data):
+            self._to_client = data[sent:]
+            if self.backend is not None:
+                self.loop.remove_reader(self.bfd)
+            self.loop.add_writer(self.fd, self._client_writable)
+
+    def _client_writable(self) -> None:
+        self.loop.remove_writer(self.fd)
+        pending, self._to_client = self._to_client, None
+        if pending is not None:
+            self._send_client(pending)
+        if self.closed or self._to_client is not None:
+            return
+        if self._notified:
+            self._linger()
+        elif self._backend_done:
+            self._send_close_notify()
+        elif self.backend is not None:
+            self.loop.add_reader(self.bfd, self._from_backend)
+
+    def _backend_finished(self) -> None:
+        """gRPC closed its side: once the client has every byte, send close_notify and close,
+        without waiting for the client's own close_notify (gRPC clients do not always send one)."""
+        self._backend_done = True
+        self.loop.remove_reader(self.bfd)
+        if self._to_client is None:
+            self._send_close_notify()
+
+    def _send_close_notify(self) -> None:
+        self._notified = True
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:
+            pass  # SSLWantReadError: the client's close_notify is not awaited
+        self._flush()
+        if not self.closed and self._to_client is None:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Everything is sent. Closing with the client's bytes unread would reset the connection,
+        which can discard the end of the stream before the client reads it: half-close, read and
+        drop until the client closes, for at most _LINGER seconds."""
+        self._release_backend()
+        self.front._finished(self, lingering=True)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort()
+            return
+        self.loop.add_reader(self.fd, self._drain_until_closed)
+        self._timer = self.loop.call_later(_LINGER, self.abort)
+
+    def _drain_until_closed(self) -> None:
+        try:
+            if self.sock.recv(_CHUNK):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.abort()
+
+    # ------------------------------------------------------------------ teardown
 
     def buffered(self) -> int:
         """Bytes accepted from one side and not yet handed to the other side's socket."""
-        total = 0
-        for t in (self.transport, self.backend):
-            try:
-                total += t.get_write_buffer_size() if t is not None else 0
-            except (AttributeError, RuntimeError):  # torn down: nothing left to send
-                pass
-        return total
+        return (len(self._to_backend) if self._to_backend is not None else 0) + \
+            (len(self._to_client) if self._to_client is not None else 0) + self._outgoing.pending
+
+    def _release_backend(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        if self.backend is not None:
+            self.loop.remove_reader(self.bfd)
+            self.loop.remove_writer(self.bfd)
+            self.backend.close()
+            self.backend = None
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        if self.backend is not None:
-            self.backend.abort()
-
-
-class _BackendSide(asyncio.Protocol):
-    """The plaintext side of one connection, towards the Flight server."""
-
-    def __init__(self, client: _ClientSide) -> None:
-        self.client = client
-
-    def data_received(self, data: bytes) -> None:
-        self.client.front._last_traffic = time.monotonic()
-        if self.client.transport is not None:
-            self.client.transport.write(data)
-
-    def eof_received(self) -> bool:
-        return False  # closing the TLS side follows in connection_lost
-
-    def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.backend_closed()
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        self._release_backend()
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.sock.close()
+        self.front._finished(self, lingering=False)
