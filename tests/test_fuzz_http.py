@@ -303,6 +303,8 @@ def test_malformed_request_bytes(rt: Runtime, line: bytes) -> None:
             data = s.recv(4096)
         except (ConnectionError, ssl.SSLError):
             data = b""
+    if line.startswith(b"PRI * HTTP/2.0") and data[3:4] == b"\x04":
+        return  # read as HTTP/2 with prior knowledge (as hyper does upstream): the server's SETTINGS
     status = data[9:12]
     assert data == b"" or (data.startswith(b"HTTP/1.1 ") and not status.startswith(b"5")), data[:200]
 
