@@ -379,6 +379,7 @@ class QueryStream:
         if left > 0 and (self._started or not isinstance(self._stream, RecordBatchStream)):
             return next(self._stream)
         if left > 0:
+            assert isinstance(self._stream, RecordBatchStream)  # the first batch of a DataFusion stream
             self._started = True
             waiting = asyncio.run_coroutine_threadsafe(_next_within(self._stream, left), deadline.loop)
             try:

@@ -193,7 +193,7 @@ class _H2Protocol(H2Protocol):
         await self._flush()
 
 
-hypercorn.asyncio.run.TCPServer = _TlsAwareTCPServer  # type: ignore[attr-defined]
+hypercorn.asyncio.run.TCPServer = _TlsAwareTCPServer  # type: ignore[attr-defined,misc]
 hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]  # looked up by ProtocolWrapper
 hypercorn.protocol.h2.StreamBuffer = _StreamBuffer  # type: ignore[misc]  # looked up by H2Protocol
 
