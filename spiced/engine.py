@@ -75,6 +75,10 @@ class Engine:
         self._refresh_tasks: list[asyncio.Task[None]] = []
         self._loop = _WaitLoop()
         self._stored: dict[str, list[pa.RecordBatch]] = {}  # accelerated datasets' Arrow batches
+        # A refresh replaces a table by deregistering and registering it (DataFusion has no swap);
+        # a query planned in between would not find it, so it waits for the swap and plans again.
+        self._swap_lock = threading.Lock()
+        self._swaps = 0  # swaps begun; odd while one is under way
 
     # -------------------------------------------------------------- datasets
 
@@ -126,16 +130,21 @@ class Engine:
 
     def _load_accelerated(self, ds: Dataset) -> pa.Table:
         table = self._read(ds).to_arrow_table()
-        if self.ctx.table_exist(ds.name):
-            self.ctx.deregister_table(ds.name)
         # Stored as batches of up to 256K rows and 4 MB: a plain scan hands them out as they are
         # (see `_stored_scan`), in a few large messages. DataFusion needs at least one batch to
         # know the schema: an empty file gets an empty batch.
         batches = list(coalesce(table.to_batches(), 262_144, first_alone=False)) \
             or [pa.RecordBatch.from_pylist([], schema=table.schema)]
-        self.ctx.register_record_batches(ds.name, [batches])
-        with self._lock:
-            self._stored[ds.name] = batches
+        with self._swap_lock:
+            self._swaps += 1
+            try:
+                if self.ctx.table_exist(ds.name):
+                    self.ctx.deregister_table(ds.name)
+                self.ctx.register_record_batches(ds.name, [batches])
+                with self._lock:
+                    self._stored[ds.name] = batches
+            finally:
+                self._swaps += 1
         return table
 
     def register_all(self) -> None:
@@ -210,6 +219,17 @@ class Engine:
 
     def plan(self, sql: str) -> DataFrame:
         """Plan one read-only statement; planning errors become QueryError with DataFusion's text."""
+        swaps = self._swaps
+        try:
+            return self._plan(sql)
+        except QueryError:
+            if swaps % 2 == 0 and swaps == self._swaps:
+                raise
+        with self._swap_lock:  # a table was being replaced meanwhile: plan again once it is back
+            pass
+        return self._plan(sql)
+
+    def _plan(self, sql: str) -> DataFrame:
         try:
             return self.ctx.sql_with_options(sql, _READ_ONLY)
         except Exception as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,33 @@ def test_a_refresh_is_seen_by_plain_scans(tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": pa.array([7], pa.int64()), "extra": pa.array(["x"])}), tmp_path / "numbers.parquet")
     engine.load_one(engine.spicepod.datasets[0], refresh=True)
     assert run(engine, "SELECT * FROM numbers").to_pylist() == [{"id": 7, "extra": "x"}]
+
+
+def test_queries_during_refreshes_always_find_the_table(tmp_path: Path) -> None:
+    # A refresh deregisters and registers the table (DataFusion has no swap); queries planned
+    # meanwhile wait for it and plan again instead of failing with "table not found".
+    engine = engine_for(write_pod(tmp_path))
+    ds = engine.spicepod.datasets[0]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def refresh() -> None:
+        while not stop.is_set():
+            engine.load_one(ds, refresh=True)
+
+    refresher = threading.Thread(target=refresh)
+    refresher.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                run(engine, "SELECT count(*) AS n FROM trips WHERE fare > 0")
+            except QueryError as e:
+                errors.append(str(e))
+    finally:
+        stop.set()
+        refresher.join(10)
+    assert errors == []
 
 
 # ------------------------------------------------------------------ time limit
