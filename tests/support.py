@@ -218,6 +218,37 @@ def spiced_fails(workdir: Path, *args: str, env: dict[str, str] | None = None, t
     return Failed(done.returncode, ANSI.sub("", done.stderr))
 
 
+def server_peers(rt: Runtime) -> dict[int, int]:
+    """The TCP connections the server process still holds open on its HTTP port: the client's port
+    and the bytes the server has written that the client has not taken (the socket's send queue)."""
+    sockets: dict[str, tuple[int, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == rt.http_port and state != "0A":  # 0A: LISTEN
+                sockets[inode] = (int(remote.rsplit(":", 1)[1], 16), int(fields[4].split(":")[0], 16))
+    peers: dict[int, int] = {}
+    fd_dir = Path(f"/proc/{rt.proc.pid}/fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:  # the process has exited
+        return {}
+    for fd in fds:
+        try:
+            target = os.readlink(fd_dir / fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in sockets:
+            port, unsent = sockets[target[8:-1]]
+            peers[port] = unsent
+    return peers
+
+
 @contextmanager
 def run_tls_target(workdir: Path) -> Iterator[Runtime]:
     """A TLS runtime to throw bad input at (its PKI as `rt.pki`); afterwards it must still be running

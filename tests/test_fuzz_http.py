@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import h11
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Runtime, run_tls_target, write_pod
+from tests.support import Runtime, run_tls_target, server_peers, write_pod
+from tests.tlsprobe import wait_for
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -291,6 +293,51 @@ def test_lying_content_length_is_not_a_5xx(rt: Runtime, client: httpx.Client) ->
         data = s.recv(4096)
     assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:200]
     alive(client)
+
+
+def test_a_connection_the_server_closes_is_released_without_the_clients_close_notify(rt: Runtime) -> None:
+    # `Connection: close`: the server sends its answer, then close_notify. This client reads it all
+    # and then neither answers the close_notify nor closes; asyncio alone held the server's socket
+    # 30 s more. Measured on the server's own sockets.
+    with _tls_socket(rt) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):  # b"" at the server's close_notify
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ")
+        port = s.getsockname()[1]
+        assert wait_for(lambda: port not in server_peers(rt), timeout=20) < 4
+        # SSLSocket.close() closes the socket without a close_notify
+
+
+def test_a_slow_reader_gets_all_of_an_answer_the_server_closes_after(rt: Runtime) -> None:
+    # The other side of the release above: the connection is let go only once all of the answer
+    # has left the server, however slowly the client reads it.
+    request = b"SELECT value, 'padding-padding-padding' AS p FROM generate_series(1, 400000)"
+    conn = h11.Connection(h11.CLIENT)
+    body = 0
+    ended = False
+    with _tls_socket(rt) as s:
+        s.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: text/csv\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+        conn.send(h11.Request(method="POST", target="/v1/sql", headers=[("Host", "localhost")]))
+        started = time.monotonic()
+        while not ended:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if time.monotonic() - started < 3:
+                    time.sleep(0.05)  # about 1.3 MB/s for the first 3 s
+                conn.receive_data(s.recv(65536))
+            elif isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                body += len(event.data)
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                ended = isinstance(event, h11.EndOfMessage)
+                break
+        assert time.monotonic() - started > 3
+    assert ended, f"the answer was cut after {body} bytes"
+    assert body > 10_000_000
 
 
 @FUZZ

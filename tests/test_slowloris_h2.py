@@ -25,7 +25,6 @@ client-that-stops-reading test on its own runtime.
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
@@ -53,7 +52,7 @@ from spiced.http.body import BODY_SECONDS
 from spiced.http.server import make_config
 from spiced.runtime import DRAIN_SECONDS
 from tests.pki import Pki
-from tests.support import Runtime, run_spiced, write_pod
+from tests.support import Runtime, run_spiced, server_peers, write_pod
 
 KEEP_ALIVE = float(make_config(None).keep_alive_timeout)  # 15 s
 MARGIN = 5.0
@@ -83,37 +82,6 @@ def start(workdir: Path, pki: Pki) -> Iterator[Runtime]:
 
 
 # ------------------------------------------------------------------------------ observing the server
-
-
-def server_peers(rt: Runtime) -> dict[int, int]:
-    """The TCP connections the server process still holds open on its HTTP port: the client's port
-    and the bytes the server has written that the client has not taken (the socket's send queue)."""
-    sockets: dict[str, tuple[int, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            if int(local.rsplit(":", 1)[1], 16) == rt.http_port and state != "0A":  # 0A: LISTEN
-                sockets[inode] = (int(remote.rsplit(":", 1)[1], 16), int(fields[4].split(":")[0], 16))
-    peers: dict[int, int] = {}
-    fd_dir = Path(f"/proc/{rt.proc.pid}/fd")
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:  # the process has exited
-        return {}
-    for fd in fds:
-        try:
-            target = os.readlink(fd_dir / fd)
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in sockets:
-            port, unsent = sockets[target[8:-1]]
-            peers[port] = unsent
-    return peers
 
 
 def rss_bytes(rt: Runtime) -> int:

@@ -10,9 +10,9 @@ finished handshake and sets a ContextVar before the connection's tasks start, an
 task of that connection, HTTP/1.1 or each h2 stream, inherits it. The same subclass sets
 TCP_NODELAY and tolerates the TLS error of closing on a client that is still sending.
 
-Slow and withholding clients showed more that Hypercorn alone gets wrong, mended here too: an
-idle connection it closes waits 30 s for a close_notify that never comes (`_initiate_server_close`),
-one it cancels at the drain bound can hang the exit (`_read_data`), an h2 stream out of flow
+Slow and withholding clients showed more that Hypercorn alone gets wrong, mended here too: a
+connection it closes waits 30 s for a close_notify that many clients never send
+(`_release_after_close_notify`), one it cancels at the drain bound can hang the exit (`_read_data`), an h2 stream out of flow
 control credit buffers its whole response (`_StreamBuffer`), and DATA that outlives its stream
 kills the connection (`_H2Protocol`). Hypercorn is pinned in pyproject.toml for all this;
 tests/test_http_identity.py guards the TLS facts over h11 and h2, tests/test_slowloris_h2.py
@@ -25,6 +25,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,10 @@ from ..identity import ClientIdentity
 log = logging.getLogger("runtime.http")
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
-# How long a connection closed for being idle may wait for the client's TLS close_notify.
+# How long a connection we close may wait for the client's TLS close_notify once all we sent has
+# left; asyncio's own bound (ssl_shutdown_timeout) counts from the close, sending included.
 CLOSE_NOTIFY_GRACE = 1.0
+SSL_SHUTDOWN_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ def current_tls_info() -> TlsInfo | None:
 
 class _TlsAwareTCPServer(TCPServer):
     _dropped = False  # set when the connection is dropped at the drain bound
+    _tls_layers: tuple[Any, Any] = (None, None)  # asyncio's SSLProtocol and the TCP transport under it
+    _releaser: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
@@ -100,6 +105,9 @@ class _TlsAwareTCPServer(TCPServer):
         ssl_object = self.writer.get_extra_info("ssl_object")
         if ssl_object is not None:
             _tls_info.set(TlsInfo.from_ssl_object(ssl_object))
+            # Kept now: asyncio drops these references when the connection closes (twice).
+            ssl_protocol = getattr(self.writer.transport, "_ssl_protocol", None)
+            self._tls_layers = (ssl_protocol, getattr(ssl_protocol, "_transport", None))
         try:
             await super().run()
         except asyncio.CancelledError:
@@ -131,6 +139,10 @@ class _TlsAwareTCPServer(TCPServer):
         await super().protocol_send(event)
 
     async def _close(self) -> None:
+        # Closed by the protocol (`Connection: close`, a request it refused): as below, asyncio
+        # would hold the socket up to 30 s for the client's close_notify.
+        if not self._dropped:
+            self._release_after_close_notify()
         try:
             await super()._close()
         except ssl.SSLError:
@@ -149,12 +161,28 @@ class _TlsAwareTCPServer(TCPServer):
             # whole drain bound. Nothing is in flight on it, so dropping it loses nothing.
             self.writer.transport.abort()
         else:
-            # Closed by the keep-alive timeout (nothing in flight; for h2, no stream open): the
-            # close_notify is on its way, and asyncio would then wait up to 30 s
-            # (ssl_shutdown_timeout) for the client's, which a slow-loris client never sends, so
-            # each of its connections was held 15 + 30 s. A client that reads has its
-            # close_notify within the grace; the abort is a no-op on a transport already closed.
-            self.loop.call_later(CLOSE_NOTIFY_GRACE, self.writer.transport.abort)
+            # Closed by the keep-alive timeout (nothing in flight; for h2, no stream open).
+            self._release_after_close_notify()
+
+    def _release_after_close_notify(self) -> None:
+        """After our close_notify, asyncio waits up to 30 s (ssl_shutdown_timeout) for the
+        client's, which a slow-loris client, and many an ordinary one, never sends: each such
+        connection was held 30 s. Once all we wrote has reached the kernel, the client gets
+        CLOSE_NOTIFY_GRACE to answer, then the socket is closed."""
+        ssl_protocol, tcp = self._tls_layers
+        if ssl_protocol is not None and tcp is not None and self._releaser is None:
+            self._releaser = self.loop.create_task(_release_when_delivered(ssl_protocol, tcp))
+
+
+async def _release_when_delivered(ssl_protocol: Any, tcp: asyncio.WriteTransport) -> None:
+    # Both buffers count: asyncio's TLS layer holds what it has not encrypted yet, the TCP
+    # transport what the kernel has not taken. (Where a Python's internals differ and these are
+    # not found, asyncio's own 30 s bound stays in place.)
+    give_up = time.monotonic() + SSL_SHUTDOWN_TIMEOUT
+    while ssl_protocol._get_write_buffer_size() + tcp.get_write_buffer_size() > 0 and time.monotonic() < give_up:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(CLOSE_NOTIFY_GRACE)
+    tcp.abort()  # a no-op once the client's close_notify has closed it
 
 
 class _StreamBuffer(StreamBuffer):
