@@ -12,34 +12,45 @@ TCP_NODELAY and tolerates the TLS error of closing on a client that is still sen
 
 Slow and withholding clients showed more that Hypercorn alone gets wrong, mended here too: a
 connection it closes waits 30 s for a close_notify that many clients never send
-(`_release_after_close_notify`), one it cancels at the drain bound can hang the exit (`_read_data`), an h2 stream out of flow
-control credit buffers its whole response (`_StreamBuffer`), and DATA that outlives its stream
-kills the connection (`_H2Protocol`). Hypercorn is pinned in pyproject.toml for all this;
-tests/test_http_identity.py guards the TLS facts over h11 and h2, tests/test_slowloris_h2.py
-the rest.
+(`_release_after_close_notify`), one it cancels at the drain bound can hang the exit
+(`_read_data`), an h2 stream out of flow control credit buffers its whole response
+(`_StreamBuffer`), DATA that outlives its stream kills the connection (`_H2Protocol`), and a
+client that stops taking its response holds it, and its query, forever (SEND_STALL_SECONDS).
+Hypercorn is pinned in pyproject.toml for all this; tests/test_http_identity.py guards the TLS
+facts over h11 and h2, tests/test_slowloris_h2.py, tests/test_http_tls_close.py and
+tests/test_http_send_stall.py the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import ssl
+import struct
+import sys
+import termios
 import time
+from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import h2.errors
 import h2.events
+import h2.exceptions
 import hypercorn.asyncio.run
 import hypercorn.protocol
 import hypercorn.protocol.h2
+import priority  # Hypercorn's h2 stream scheduler
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config, Sockets
-from hypercorn.events import Event, Updated
-from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER, BufferCompleteError, H2Protocol, StreamBuffer
 
 from ..identity import ClientIdentity
 
@@ -50,6 +61,12 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 # left; asyncio's own bound (ssl_shutdown_timeout) counts from the close, sending included.
 CLOSE_NOTIFY_GRACE = 1.0
 SSL_SHUTDOWN_TIMEOUT = 30.0
+# A response that makes no progress this long is cut: an HTTP/1.1 connection whose client took
+# nothing (not even the ~48 KB between asyncio's write-buffer marks), an h2 stream whose client
+# granted no flow-control credit. Such a reader (slow-read attack) would otherwise hold its
+# query and buffers for as long as it likes. 60 s, as nginx's send_timeout.
+SEND_STALL_SECONDS = 60.0
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None  # == SIOCOUTQ
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +153,50 @@ class _TlsAwareTCPServer(TCPServer):
             # idle timer in a task group already shutting down (RuntimeError, then an unhandled
             # exception in the log for the connection). No timer is needed any more.
             return
-        await super().protocol_send(event)
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:  # Hypercorn's own RawData path, with the stall bound
+            try:
+                self.writer.write(event.data)
+                await self._drain()
+            except (ConnectionError, RuntimeError):
+                await self.protocol.handle(Closed())
+            except TimeoutError:
+                log.debug("Dropped a connection whose client took nothing for %.0f s", SEND_STALL_SECONDS)
+                self.writer.transport.abort()
+                await self.protocol.handle(Closed())
+
+    async def _drain(self) -> None:
+        """`writer.drain()`, or TimeoutError once the client has taken nothing for
+        SEND_STALL_SECONDS. Nothing is added while this waits (the send lock is held), so any
+        shrinking of the buffers is the client taking bytes, however slowly."""
+        left, last_taken = self._buffered(), time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+                return
+            except TimeoutError:
+                now, size = time.monotonic(), self._buffered()
+                if size < left:
+                    left, last_taken = size, now
+                elif now - last_taken > SEND_STALL_SECONDS:
+                    raise
+
+    def _buffered(self) -> int:
+        """Bytes written and not yet acknowledged by the client: asyncio's buffers and the kernel's
+        send queue. The kernel's counts too: it wakes asyncio only once a good part of a large send
+        buffer is free, so a slow reader's progress shows there first."""
+        ssl_protocol, tcp = self._tls_layers
+        if ssl_protocol is not None and tcp is not None:
+            size = int(ssl_protocol._get_write_buffer_size()) + tcp.get_write_buffer_size()
+        else:
+            size = self.writer.transport.get_write_buffer_size()
+        sock = self.writer.get_extra_info("socket")
+        if _SIOCOUTQ is not None and sock is not None:
+            with suppress(OSError):
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+        return size
 
     async def _close(self) -> None:
         # Closed by the protocol (`Connection: close`, a request it refused): as below, asyncio
@@ -194,10 +254,38 @@ class _StreamBuffer(StreamBuffer):
     up in memory (GBs for a few large results). Here the app waits until less than the low-water
     mark is left, so a stalled stream holds at most about one pushed chunk."""
 
+    _last_taken = 0.0  # monotonic time the client last took bytes of this stream
+
+    async def push(self, data: bytes) -> None:
+        if self._complete:
+            raise BufferCompleteError()
+        self.buffer.extend(data)
+        await self._is_empty.clear()
+        if len(self.buffer) >= BUFFER_HIGH_WATER:
+            await self._wait_for_client(self._paused)
+            await self._paused.clear()
+
+    async def drain(self) -> None:
+        await self._wait_for_client(self._is_empty)
+
+    async def _wait_for_client(self, event: Any) -> None:
+        """The stall bound: StreamStalled once the client has taken nothing of this stream for
+        SEND_STALL_SECONDS while the app waits on it."""
+        self._last_taken = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(event.wait(), 1.0)
+                return
+            except TimeoutError:
+                if time.monotonic() - self._last_taken > SEND_STALL_SECONDS:
+                    raise StreamStalled from None
+
     async def pop(self, max_length: int) -> bytes:
         length = min(len(self.buffer), max_length)
         data = bytes(self.buffer[:length])
         del self.buffer[:length]
+        if data:
+            self._last_taken = time.monotonic()
         if len(self.buffer) < BUFFER_LOW_WATER:
             await self._paused.set()
         if len(self.buffer) == 0:
@@ -205,7 +293,29 @@ class _StreamBuffer(StreamBuffer):
         return data
 
 
+class StreamStalled(Exception):
+    pass
+
+
 class _H2Protocol(H2Protocol):
+    async def stream_send(self, event: StreamEvent) -> None:
+        try:
+            await super().stream_send(event)
+        except StreamStalled:
+            # The client granted no credit for this stream for SEND_STALL_SECONDS: reset it
+            # (CANCEL), free its buffer, and tell the app the client is gone, which ends its query.
+            # The connection and its other streams go on.
+            log.debug("Reset h2 stream %d: its client took nothing for %.0f s", event.stream_id, SEND_STALL_SECONDS)
+            buffer = self.stream_buffers.pop(event.stream_id, None)
+            if buffer is not None:
+                await buffer.close()
+            with suppress(priority.MissingStreamError):
+                self.priority.remove_stream(event.stream_id)
+            with suppress(h2.exceptions.ProtocolError):
+                self.connection.reset_stream(event.stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+                await self._flush()
+            await self._close_stream(event.stream_id)
+
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         # Hypercorn forgets a stream once its app has answered, yet looks up the stream of every
         # DATA frame: a client still sending the body (trickling past its 408, or posting to a
