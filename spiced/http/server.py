@@ -61,10 +61,10 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 # left; asyncio's own bound (ssl_shutdown_timeout) counts from the close, sending included.
 CLOSE_NOTIFY_GRACE = 1.0
 SSL_SHUTDOWN_TIMEOUT = 30.0
-# A response that makes no progress this long is cut: an HTTP/1.1 connection whose client took
-# nothing (not even the ~48 KB between asyncio's write-buffer marks), an h2 stream whose client
-# granted no flow-control credit. Such a reader (slow-read attack) would otherwise hold its
-# query and buffers for as long as it likes. 60 s, as nginx's send_timeout.
+# A response that makes no progress this long is cut: a connection whose client acknowledged no
+# byte (HTTP/1.1, or h2 at the TCP level), an h2 stream whose client granted no flow-control
+# credit. Such a reader (slow-read attack) would otherwise hold its query and buffers for as long
+# as it likes. 60 s, as nginx's send_timeout.
 SEND_STALL_SECONDS = 60.0
 _SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None  # == SIOCOUTQ
 
@@ -171,6 +171,9 @@ class _TlsAwareTCPServer(TCPServer):
         """`writer.drain()`, or TimeoutError once the client has taken nothing for
         SEND_STALL_SECONDS. Nothing is added while this waits (the send lock is held), so any
         shrinking of the buffers is the client taking bytes, however slowly."""
+        if self.writer.transport.get_write_buffer_size() == 0:
+            await self.writer.drain()  # nothing waits to go out: returns at once, without a timer task
+            return
         left, last_taken = self._buffered(), time.monotonic()
         while True:
             try:
@@ -271,6 +274,8 @@ class _StreamBuffer(StreamBuffer):
     async def _wait_for_client(self, event: Any) -> None:
         """The stall bound: StreamStalled once the client has taken nothing of this stream for
         SEND_STALL_SECONDS while the app waits on it."""
+        if event.is_set():
+            return
         self._last_taken = time.monotonic()
         while True:
             try:
