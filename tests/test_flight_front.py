@@ -3,9 +3,11 @@ front, real pyarrow FlightClients over grpc+tls, the manager's "flight" context 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
 import tempfile
@@ -278,6 +280,29 @@ def test_failed_handshake_is_logged_at_debug_with_its_reason(rig: Rig, pki: Pki,
     assert record.levelname == "DEBUG"
     assert re.fullmatch(r"Flight TLS handshake with 127\.0\.0\.1:\d+ failed: .*(CERTIFICATE_VERIFY_FAILED|unknown ca).*",
                         record.getMessage(), re.IGNORECASE)
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(rig: Rig, pki: Pki,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # accept() failing with EMFILE leaves the listener readable: retried at once, it would spin a
+    # core and log a warning per turn. The front pauses a second, as asyncio's own accept loop does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    waiting: list[socket.socket] = []
+    with caplog.at_level(logging.WARNING, logger="runtime.flight"):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            with contextlib.suppress(OSError):  # until this process has no descriptor left
+                for _ in range(16):
+                    waiting.append(socket.create_connection(("127.0.0.1", rig.port), timeout=5))
+            time.sleep(1.5)  # the last connection waits in the backlog: accept() keeps failing
+        finally:
+            for s in waiting:
+                s.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    failures = [r for r in caplog.records if "cannot accept a connection" in r.getMessage()]
+    assert 1 <= len(failures) <= 3, len(failures)
+    with flight_client(rig, pki) as c:  # accepting again
+        assert who(c)["peer"].startswith("unix-abstract:")
 
 
 def test_accepted_connections_disable_nagle(rig: Rig, pki: Pki) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger("runtime.flight")
 _names = itertools.count(1)
 _CHUNK = 256 * 1024  # one read from either side; at most one chunk per direction waits in memory
 _LINGER = 1.0  # after our close_notify, how long a client may take to close its side
+_ACCEPT_RETRY_SECONDS = 1.0  # after accept() failed for want of descriptors or memory
 
 
 class FlightTlsFront:
@@ -164,8 +165,11 @@ class FlightTlsFront:
                 conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: the next readiness retries
+            except OSError as e:  # EMFILE and the like: pause, as asyncio's own accept loop does
                 log.warning("Flight TLS front: cannot accept a connection: %s", e)
+                assert self._loop is not None
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(_ACCEPT_RETRY_SECONDS, self._resume_accepting)
                 return
             # Sockets bound without proto=IPPROTO_TCP (as the runtime's are) leave Nagle on; small
             # gRPC calls then stall ~40 ms on delayed ACKs.
@@ -173,6 +177,10 @@ class FlightTlsFront:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setblocking(False)
             _Pipe(self, conn, _peername(addr)).handshake()
+
+    def _resume_accepting(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def _established(self, pipe: _Pipe) -> None:
         self._others.discard(pipe)
