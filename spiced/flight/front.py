@@ -357,17 +357,22 @@ class _Pipe:
         else:
             self.loop.remove_reader(self.fd)
 
+    def _send(self, sock: socket.socket, data: memoryview, lost: str) -> int | None:
+        """What `sock` took of `data` (0 when full); None when the send failed and the pipe is
+        aborted, `lost` being the log line for it."""
+        try:
+            return sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            log.debug(lost, self.name, e)
+            self.abort()
+            return None
+
     def _send_backend(self, data: memoryview) -> None:
         assert self.backend is not None
-        try:
-            sent = self.backend.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as e:
-            log.debug("Flight TLS front: the Flight server closed %s: %s", self.peer, e)
-            self.abort()
-            return
-        if sent < len(data):
+        sent = self._send(self.backend, data, "Flight TLS front: the Flight server closed the connection from %s: %s")
+        if sent is not None and sent < len(data):
             self._to_backend = data[sent:]
             self.loop.add_writer(self.bfd, self._backend_writable)
 
@@ -412,15 +417,8 @@ class _Pipe:
         self._send_client(memoryview(data))
 
     def _send_client(self, data: memoryview) -> None:
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as e:
-            log.debug("Flight TLS front: connection from %s lost: %s", self.name, e)
-            self.abort()
-            return
-        if sent < len(data):
+        sent = self._send(self.sock, data, "Flight TLS front: connection from %s lost: %s")
+        if sent is not None and sent < len(data):
             self._to_client = data[sent:]
             if self.backend is not None:
                 self.loop.remove_reader(self.bfd)

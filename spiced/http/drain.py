@@ -11,6 +11,7 @@ late gets `Connection: close` on the response instead, so the client knows not t
 from __future__ import annotations
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DRAIN_BYTES = 64 * 1024
@@ -60,17 +61,12 @@ async def _drain(receive: Receive, length: int | None) -> bool:
 
 
 def _has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
+    headers = Headers(scope=scope)
+    return "transfer-encoding" in headers or headers.get("content-length", "").strip() not in ("", "0")
 
 
 def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    try:
+        return int(Headers(scope=scope)["content-length"])
+    except (KeyError, ValueError):
+        return None

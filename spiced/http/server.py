@@ -192,7 +192,7 @@ class _TlsAwareTCPServer(TCPServer):
         buffer is free, so a slow reader's progress shows there first."""
         ssl_protocol, tcp = self._tls_layers
         if ssl_protocol is not None and tcp is not None:
-            size = int(ssl_protocol._get_write_buffer_size()) + tcp.get_write_buffer_size()
+            size = _tls_unsent(ssl_protocol, tcp)
         else:
             size = self.writer.transport.get_write_buffer_size()
         sock = self.writer.get_extra_info("socket")
@@ -237,12 +237,17 @@ class _TlsAwareTCPServer(TCPServer):
             self._releaser = self.loop.create_task(_release_when_delivered(ssl_protocol, tcp))
 
 
+def _tls_unsent(ssl_protocol: Any, tcp: asyncio.WriteTransport) -> int:
+    """What asyncio holds of a TLS connection's output: not yet encrypted (its TLS layer) and
+    encrypted but not yet taken by the kernel (the TCP transport under it)."""
+    return int(ssl_protocol._get_write_buffer_size()) + tcp.get_write_buffer_size()
+
+
 async def _release_when_delivered(ssl_protocol: Any, tcp: asyncio.WriteTransport) -> None:
-    # Both buffers count: asyncio's TLS layer holds what it has not encrypted yet, the TCP
-    # transport what the kernel has not taken. (Where a Python's internals differ and these are
-    # not found, asyncio's own 30 s bound stays in place.)
+    # (Where a Python's internals differ and these layers are not found, the caller does not
+    # start this, and asyncio's own 30 s bound stays in place.)
     give_up = time.monotonic() + SSL_SHUTDOWN_TIMEOUT
-    while ssl_protocol._get_write_buffer_size() + tcp.get_write_buffer_size() > 0 and time.monotonic() < give_up:
+    while _tls_unsent(ssl_protocol, tcp) > 0 and time.monotonic() < give_up:
         await asyncio.sleep(0.05)
     await asyncio.sleep(CLOSE_NOTIFY_GRACE)
     tcp.abort()  # a no-op once the client's close_notify has closed it
