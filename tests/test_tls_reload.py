@@ -222,6 +222,24 @@ def test_garbage_pem_keeps_the_old_certificate(r: Rig, v2: Issued, caplog: pytes
     assert r.serial() == v2.serial and r.counts() == {"parse_error": 1, "ok": 1}
 
 
+def test_subscribers_hear_every_publication_and_no_rejected_material(pki: Pki, loop: LoopThread, tmp_path: Path,
+                                                                     v2: Issued) -> None:
+    """What the Flight front process mirrors: the current pair and CA at once, then each swap."""
+    r = rig(pki, loop, tmp_path, mode="request")
+    assert r.ca is not None
+    heard: list[tuple[int, str | None]] = []
+    pair, ca = r.mgr.subscribe(lambda p, c: heard.append((p.leaf.serial_number, c.pem if c else None)))
+    assert pair.leaf.serial_number == pki.server.serial and ca is not None and ca.pem == pki.client_ca.cert_pem.decode()
+    write_in_place(r.cert, b"this is not a certificate\n")
+    r.mgr.check_for_changes()
+    assert heard == []
+    rotate_pair(r.cert, r.key, v2)
+    r.mgr.check_for_changes()
+    replace_atomically(r.ca, pki.foreign_ca.cert_pem)
+    r.mgr.check_for_changes()
+    assert heard == [(v2.serial, pki.client_ca.cert_pem.decode()), (v2.serial, pki.foreign_ca.cert_pem.decode())]
+
+
 def test_mismatched_key_keeps_the_old_certificate(r: Rig, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="runtime.tls.reload"):
         replace_atomically(r.key, r.pki.client.key_pem)

@@ -1,16 +1,10 @@
 """The one TLS manager: per-listener contexts, validated reloads, one atomic swap, the counter.
 
-Each listener gets a long-lived *listener context*, built once; its `sni_callback` (OpenSSL runs it
-for every ClientHello, SNI or not) switches the connection to the profile's *current context*.
 A reload never touches a live context: it validates the new files on scratch contexts, composes
 new-if-valid-else-last-good for the cert/key pair and for the client CA independently, builds a
-fresh current context for every profile, and publishes them with one assignment. Handshakes in
-flight finish on what they hold; open connections keep their material.
-
-What comes from where during a handshake (measured, OpenSSL 3.0):
-  current context  → certificate, key, chain, ALPN, the trust store that verifies client certs
-  listener context → verify mode, session cache and tickets, protocol bounds, options, groups
-so ALPN is set on the current contexts and everything else on both.
+fresh current context for every profile (see `contexts`), and publishes them with one assignment.
+Handshakes in flight finish on what they hold; open connections keep their material. Subscribers
+(the Flight front process) hear of each publication and mirror it.
 """
 
 from __future__ import annotations
@@ -21,32 +15,21 @@ from datetime import datetime, timezone
 import ssl
 import threading
 from collections.abc import Mapping
-from functools import partial
-from typing import Literal
+from typing import Callable
 
 from ..config import ClientAuthMode, MaterialSource, TlsSettings
 from ..errors import MaterialError, ReloadResult, TlsConfigError
 from ..metrics import Metrics
-from . import material, policy
+from . import contexts, material
+from .contexts import PROFILES, Profile
 from .material import CaBundle, CertKeyPair
 from .watch import FileWatch, poll
 
-Profile = Literal["http", "flight", "metrics"]
-PROFILES: tuple[Profile, ...] = ("http", "flight", "metrics")
-ALPN: Mapping[Profile, tuple[str, ...]] = {"http": ("h2", "http/1.1"), "flight": ("h2",), "metrics": ("http/1.1",)}
 SCOPE = "public"
+Subscriber = Callable[[CertKeyPair, "CaBundle | None"], None]
 
 log = logging.getLogger("runtime")
 reload_log = logging.getLogger("runtime.tls.reload")
-
-
-def verify_mode(profile: Profile, mode: ClientAuthMode) -> ssl.VerifyMode:
-    """HTTP enforces `required` with a 401 (so /health stays open); Flight at the handshake; metrics never asks."""
-    if mode == "none" or profile == "metrics":
-        return ssl.CERT_NONE
-    if mode == "required" and profile == "flight":
-        return ssl.CERT_REQUIRED
-    return ssl.CERT_OPTIONAL
 
 
 class TlsManager:
@@ -60,6 +43,7 @@ class TlsManager:
         self._lock = threading.Lock()
         self._listeners: dict[Profile, ssl.SSLContext] = {}
         self._current: Mapping[Profile, ssl.SSLContext] = self._build_all(pair, ca)
+        self._subscribers: list[Subscriber] = []
 
     # ------------------------------------------------------------------ startup
 
@@ -109,33 +93,21 @@ class TlsManager:
         with self._lock:
             ctx = self._listeners.get(profile)
             if ctx is None:
-                ctx = self._base_context(profile)
-                if ctx.verify_mode != ssl.CERT_NONE:
-                    policy.forbid_resumption(ctx)
-                ctx.sni_callback = partial(self._select, profile)
+                ctx = contexts.listener_context(profile, self._settings.client_auth_mode,
+                                                lambda: self._current[profile])
                 self._listeners[profile] = ctx
             return ctx
 
-    def _select(self, profile: Profile, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
-                _listener: ssl.SSLContext) -> None:
-        conn.context = self._current[profile]
-
-    def _base_context(self, profile: Profile) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        policy.harden(ctx)
-        ctx.set_alpn_protocols(list(ALPN[profile]))
-        ctx.verify_mode = verify_mode(profile, self._settings.client_auth_mode)
-        return ctx
+    def subscribe(self, subscriber: Subscriber) -> tuple[CertKeyPair, CaBundle | None]:
+        """Call `subscriber` with every pair and CA published from now on (under the manager's lock,
+        so calls arrive in publication order); returns the current ones."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+            return self._pair, self._ca
 
     def _build_all(self, pair: CertKeyPair, ca: CaBundle | None) -> dict[Profile, ssl.SSLContext]:
-        built = {}
-        for profile in PROFILES:
-            ctx = self._base_context(profile)
-            material.load_chain_into(ctx, pair)
-            if ca is not None:
-                ctx.load_verify_locations(cadata=ca.pem)
-            built[profile] = ctx
-        return built
+        mode = self._settings.client_auth_mode
+        return {profile: contexts.current_context(profile, mode, pair, ca) for profile in PROFILES}
 
     # ------------------------------------------------------------------ reload
 
@@ -173,16 +145,18 @@ class TlsManager:
             if new_pair is not None or new_ca is not None:
                 pair, ca = new_pair or self._pair, new_ca or self._ca
                 try:
-                    contexts = self._build_all(pair, ca)
+                    built = self._build_all(pair, ca)
                 except (ssl.SSLError, ValueError, OSError) as e:
                     # Validated material should always build; if it does not, keep everything as it was.
                     self._warn_rejected(new_pair, new_ca, f"{e}")
                     pair_result = "parse_error" if new_pair is not None else pair_result
                     ca_result = "parse_error" if new_ca is not None else ca_result
                 else:
-                    self._current = contexts  # the publication: one assignment
+                    self._current = built  # the publication: one assignment
                     self._pair, self._ca = pair, ca
                     self._log_swapped(new_pair, new_ca)
+                    for subscriber in self._subscribers:
+                        subscriber(pair, ca)
             for result in (pair_result, ca_result):
                 if result is not None:
                     self._metrics.tls_reload.add(1, {"scope": SCOPE, "result": result})
