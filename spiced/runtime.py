@@ -146,17 +146,13 @@ class Runtime:
                     f"Unable to start Spice Runtime servers: Unable to start Flight server: {e}") from None
             address = f"{host}:{self._flight.port}"
         else:
-            from .flight.front import FlightTlsFront
+            from .flight.front_process import FlightFrontProcess
 
             self._private_dir = Path(tempfile.mkdtemp(prefix="spiced-"))
             os.chmod(self._private_dir, 0o700)
             backend = str(self._private_dir / "flight.sock")
-            front_holder: list[Any] = []
-            self._flight = SpiceFlightServer(
-                f"grpc+unix://{backend}", state,
-                identities=lambda peer: front_holder[0].identity_for(peer) if front_holder else None)
-            self._front = FlightTlsFront(self._sockets["flight"], backend, tls.listener_context("flight"))
-            front_holder.append(self._front)
+            self._front = FlightFrontProcess(self._sockets["flight"], backend, tls)
+            self._flight = SpiceFlightServer(f"grpc+unix://{backend}", state, identities=self._front.identity_for)
             self._front.start()
             address = display_address(self._sockets["flight"])
         self._listening("flight", address, "runtime.flight", "Flight")

@@ -26,22 +26,34 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ..identity import ClientIdentity
 
 log = logging.getLogger("runtime.flight")
 
 _names = itertools.count(1)
+_NAME_PREFIX = "rtfront-"  # each backend connection's abstract unix name (see `_connect`)
+PEER_PREFIX = "unix-abstract:" + _NAME_PREFIX  # ... and how gRPC reports it
 _CHUNK = 256 * 1024  # one read from either side; at most one chunk per direction waits in memory
 _LINGER = 1.0  # after our close_notify, how long a client may take to close its side
 _ACCEPT_RETRY_SECONDS = 1.0  # after accept() failed for want of descriptors or memory
 
 
+class PeerEvents(Protocol):
+    """Told of each backend connection's gRPC peer name and identity (from the front's loop thread)."""
+
+    def connected(self, peer: str, identity: ClientIdentity | None) -> None: ...
+
+    def closed(self, peer: str) -> None: ...
+
+
 class FlightTlsFront:
     def __init__(self, sock: socket.socket, backend_path: str, ssl_context: ssl.SSLContext, *,
-                 handshake_timeout: float = 10.0, connect_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, connect_timeout: float = 10.0,
+                 peer_events: PeerEvents | None = None) -> None:
         self._sock = sock
+        self._peer_events = peer_events
         self._backend_path = backend_path
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
@@ -92,6 +104,13 @@ class FlightTlsFront:
         if loop is None or loop.is_closed():
             return True
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._settled(quiet), loop))
+
+    def is_settled(self, quiet: float) -> bool:
+        """`settled`, from a thread that runs no loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return True
+        return asyncio.run_coroutine_threadsafe(self._settled(quiet), loop).result()
 
     async def _settled(self, quiet: float) -> bool:
         if time.monotonic() - self._last_traffic < quiet:
@@ -194,8 +213,10 @@ class FlightTlsFront:
             self._others.add(pipe)
         else:
             self._others.discard(pipe)
-        if pipe.peer is not None:
-            self._peers.pop(pipe.peer, None)
+        if pipe.peer is not None and pipe.peer in self._peers:  # a lingering pipe finishes twice
+            del self._peers[pipe.peer]
+            if self._peer_events is not None:
+                self._peer_events.closed(pipe.peer)
         if not self._pipes and self._no_pipes is not None:
             self._no_pipes.set()
 
@@ -281,7 +302,7 @@ class _Pipe:
             self._timer = None
 
     async def _connect(self, identity: ClientIdentity | None) -> None:
-        name = f"rtfront-{os.getpid()}-{next(_names)}"
+        name = f"{_NAME_PREFIX}{os.getpid()}-{next(_names)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind("\0" + name)
@@ -301,6 +322,8 @@ class _Pipe:
         # Registered before gRPC reads a byte of this connection, so the first call finds it.
         self.peer = f"unix-abstract:{name}"
         self.front._peers[self.peer] = identity
+        if self.front._peer_events is not None:
+            self.front._peer_events.connected(self.peer, identity)
         self.backend, self.bfd = sock, sock.fileno()
         self.loop.add_reader(self.bfd, self._from_backend)
         self._decrypt()  # the first records may have come with the end of the handshake

@@ -1,0 +1,150 @@
+"""spiced/flight/front_process.py: the Flight TLS front in its own process, with the runtime as the
+one owner of TLS material, client identities, signals and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.flight as fl
+import pytest
+
+from spiced.flight.front_process import FlightFrontProcess
+from spiced.metrics import Metrics
+from spiced.tls.manager import TlsManager
+from tests.pki import Pki
+from tests.support import Runtime, run_spiced, write_pod
+from tests.test_flight import make_state, serving, value
+from tests.tlsprobe import file_settings, replace_atomically, wait_for
+
+
+def front_pids(rt: Runtime) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(rt.proc.pid), "-f", "spiced.flight.front_process"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def select_1(rt: Runtime, pki: Pki, **cert: bytes) -> list[dict[str, int]]:
+    with fl.FlightClient(rt.flight_uri.replace("127.0.0.1", "localhost"), tls_root_certs=pki.ca.cert_pem,
+                         **cert) as c:
+        rows: list[dict[str, int]] = c.do_get(fl.Ticket(b"SELECT 1"), fl.FlightCallOptions(timeout=10)).read_all().to_pylist()
+        return rows
+
+
+def accepted(rt: Runtime, pki: Pki, **cert: bytes) -> bool:
+    try:
+        return select_1(rt, pki, **cert) == [{"Int64(1)": 1}]
+    except fl.FlightUnavailableError:
+        return False
+
+
+def tls_args(pki: Pki, *extra: str) -> list[str]:
+    return ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key), *extra]
+
+
+def test_every_new_connection_reaches_its_first_call_with_its_identity(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The identity crosses from the front process before the call needs it: fresh connections,
+    one call each, identified and anonymous in turn, are each counted and logged correctly."""
+    caplog.set_level(logging.DEBUG, logger="runtime.flight")
+    pki = Pki.create(tmp_path / "pki")
+    metrics = Metrics()
+    manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key, "request", pki.client_ca.cert),
+                                metrics)
+    state = make_state(tmp_path / "pod", tls=manager, metrics=metrics)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    sock_path = str(private / "flight.sock")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    front = FlightFrontProcess(listener, sock_path, manager)
+    uri = f"grpc+tls://localhost:{listener.getsockname()[1]}"
+    with serving(state, f"grpc+unix://{sock_path}", identities=front.identity_for):
+        front.start()
+        try:
+            for _ in range(8):
+                with fl.FlightClient(uri, tls_root_certs=pki.ca.cert_pem, cert_chain=pki.client.cert_pem,
+                                     private_key=pki.client.key_pem) as identified:
+                    assert identified.do_get(fl.Ticket(b"SELECT 1")).read_all().num_rows == 1
+                with fl.FlightClient(uri, tls_root_certs=pki.ca.cert_pem) as anonymous:
+                    assert anonymous.do_get(fl.Ticket(b"SELECT 1")).read_all().num_rows == 1
+        finally:
+            front.stop_accepting()
+            front.stop(1.0)
+    assert value(metrics, "client_cert_requests") == 8
+    assert value(metrics, "client_cert_absent_requests") == 8
+    subject = f'"{pki.client.certificate.subject.rfc4514_string()}"'
+    calls = [r.fields for r in caplog.records if r.getMessage() == "Flight call"]  # type: ignore[attr-defined]
+    assert [c.get("client_subject") for c in calls] == [subject, None] * 8
+    assert front._peers == {}  # every closed connection was forgotten
+
+
+def test_the_front_runs_in_its_own_process_and_is_started_again_if_it_dies(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
+        [first] = front_pids(rt)
+        assert select_1(rt, pki) == [{"Int64(1)": 1}]
+        os.kill(first, signal.SIGKILL)
+        rt.wait_for_log(r"The Flight TLS front exited with code -9; starting it again")
+        wait_for(lambda: [p for p in front_pids(rt) if p != first and alive(p)], timeout=10)
+        wait_for(lambda: select_1(rt, pki) == [{"Int64(1)": 1}], timeout=10)
+        [second] = front_pids(rt)
+        assert second != first
+        assert rt.proc.poll() is None
+
+
+def test_the_front_ignores_signals_meant_for_the_runtime(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group; only the runtime decides to stop."""
+    pki = Pki.create(tmp_path / "pki")
+    with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
+        [front] = front_pids(rt)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(front, sig)
+        time.sleep(0.3)
+        assert alive(front) and select_1(rt, pki) == [{"Int64(1)": 1}]
+        assert rt.stop() == 0
+        assert not alive(front)
+
+
+def test_the_front_ends_with_the_runtime_even_when_it_is_killed(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
+        [front] = front_pids(rt)
+        rt.proc.kill()
+        rt.proc.wait()
+        wait_for(lambda: not alive(front), timeout=5)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", rt.flight_port), timeout=2).close()
+
+
+def test_a_client_ca_rotation_reaches_the_front(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    bundle = tmp_path / "clients.pem"
+    bundle.write_bytes(pki.client_ca.cert_pem)
+    args = tls_args(pki, "--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(bundle))
+    old = {"cert_chain": pki.client.cert_pem, "private_key": pki.client.key_pem}
+    new = {"cert_chain": pki.foreign_client.cert_pem, "private_key": pki.foreign_client.key_pem}
+    with run_spiced(write_pod(tmp_path / "pod"), *args) as rt:
+        assert select_1(rt, pki, **old) == [{"Int64(1)": 1}]
+        with pytest.raises(fl.FlightUnavailableError):
+            select_1(rt, pki, **new)
+        replace_atomically(bundle, pki.foreign_ca.cert_pem)
+        rt.wait_for_log("TLS reload: swapped client CA bundle")
+        wait_for(lambda: accepted(rt, pki, **new), timeout=2)  # the front hears of it right after the log line
+        with pytest.raises(fl.FlightUnavailableError):
+            select_1(rt, pki, **old)
