@@ -8,13 +8,17 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pyarrow.flight as fl
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from spiced.flight.front import PEER_PREFIX
 from spiced.flight.front_process import FlightFrontProcess
+from spiced.identity import ClientIdentity
 from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
 from tests.pki import Pki
@@ -92,6 +96,22 @@ def test_every_new_connection_reaches_its_first_call_with_its_identity(tmp_path:
     calls = [r.fields for r in caplog.records if r.getMessage() == "Flight call"]  # type: ignore[attr-defined]
     assert [c.get("client_subject") for c in calls] == [subject, None] * 8
     assert front._peers == {}  # every closed connection was forgotten
+
+
+def test_a_call_waits_for_the_word_on_its_connection_but_only_for_front_peers(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key), Metrics())
+    front = FlightFrontProcess(socket.socket(), str(tmp_path / "none.sock"), manager)
+    identity = ClientIdentity.from_der(pki.client.certificate.public_bytes(Encoding.DER))
+    peer = PEER_PREFIX + "1-1"
+    threading.Timer(0.3, front._connected, (peer, identity)).start()
+    t0 = time.monotonic()
+    assert front.identity_for(peer) == identity
+    assert time.monotonic() - t0 >= 0.25  # it waited for the announcement rather than answer "anonymous"
+    t0 = time.monotonic()
+    assert front.identity_for("ipv4:127.0.0.1:50000") is None
+    assert front.identity_for(PEER_PREFIX + "1-2") is None  # never announced: anonymous after the bound
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_the_front_runs_in_its_own_process_and_is_started_again_if_it_dies(tmp_path: Path) -> None:

@@ -1,11 +1,12 @@
-"""The Flight TLS front: terminates TLS with the manager's "flight" context and pipes each
-connection byte-for-byte to the plaintext pyarrow Flight server on a private unix socket.
+"""The Flight TLS front: terminates TLS with the "flight" context and pipes each connection
+byte-for-byte to the plaintext pyarrow Flight server on a private unix socket. The runtime runs it
+in a process of its own (`front_process`), where the context mirrors the manager's.
 
 pyarrow's Flight server cannot reload certificates, request optional client certificates or show
 a handler the peer certificate; the front gives all three (notes §9). Identity: each backend
 connection is bound to a unique abstract unix name before connecting, so gRPC reports
-`context.peer() == "unix-abstract:<name>"` on the backend and `identity_for(peer)` finds the
-certificate that verified during this connection's handshake.
+`context.peer() == "unix-abstract:<name>"` on the backend; `identity_for(peer)` (and, across
+processes, `PeerEvents`) gives the certificate that verified during this connection's handshake.
 
 One asyncio loop on its own thread runs every connection, but not through asyncio's transports:
 each connection is two non-blocking sockets driven by `add_reader` / `add_writer` callbacks and an

@@ -118,6 +118,11 @@ class FlightFrontProcess:
                 self._heard.wait_for(lambda: peer in self._peers, _IDENTITY_WAIT)
             return self._peers.get(peer)
 
+    def _connected(self, peer: str, identity: ClientIdentity | None) -> None:
+        with self._heard:
+            self._peers[peer] = identity
+            self._heard.notify_all()
+
     def _publish(self, pair: CertKeyPair, ca: CaBundle | None) -> None:
         with self._lock:
             self._latest = (pair, ca)
@@ -158,9 +163,7 @@ class FlightFrontProcess:
                 break
             kind = message[0]
             if kind == "peer":
-                with self._heard:
-                    self._peers[message[1]] = message[2]
-                    self._heard.notify_all()
+                self._connected(message[1], message[2])
             elif kind == "gone":
                 with self._heard:
                     self._peers.pop(message[1], None)
