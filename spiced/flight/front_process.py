@@ -244,7 +244,10 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass  # the runtime is gone; the control loop below ends
 
-    _, chain, key, ca_pem = conn.recv()
+    try:
+        _, chain, key, ca_pem = conn.recv()
+    except (EOFError, OSError):
+        return 0  # the runtime went away before the front could start
     mirror = ContextMirror("flight", mode, *_load(chain, key, ca_pem))
     front = FlightTlsFront(socket.socket(fileno=listen_fd), backend_path, mirror.listener, peer_events=_TellRuntime(send))
     try:
