@@ -14,6 +14,7 @@ import socket
 import threading
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -497,10 +498,20 @@ def test_identity_of_the_peer_reaches_the_call_record(state: RuntimeState, caplo
     assert lines and lines[-1].fields["client_subject"] == f'"{identity.subject}"'  # type: ignore[attr-defined]
 
 
-def test_mtls_behind_the_front_counts_identified_and_anonymous_calls(tmp_path: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    """grpc+unix location behind the real TLS front in `request` mode: identity flows to the handler."""
-    caplog.set_level(logging.DEBUG, logger="runtime.flight")
+@dataclass
+class MtlsBackend:
+    """What a TLS front in `request` mode stands on: material, runtime state, the Flight server's
+    private unix socket path and the public listener."""
+
+    pki: Pki
+    metrics: Metrics
+    manager: TlsManager
+    state: RuntimeState
+    sock_path: str
+    listener: socket.socket
+
+
+def mtls_backend(tmp_path: Path) -> MtlsBackend:
     pki = Pki.create(tmp_path / "pki")
     metrics = Metrics()
     manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key, "request", pki.client_ca.cert),
@@ -508,18 +519,25 @@ def test_mtls_behind_the_front_counts_identified_and_anonymous_calls(tmp_path: P
     state = make_state(tmp_path / "pod", tls=manager, metrics=metrics)
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    sock_path = str(private / "flight.sock")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
-    listener.setblocking(False)
+    return MtlsBackend(pki, metrics, manager, state, str(private / "flight.sock"), listener)
+
+
+def test_mtls_behind_the_front_counts_identified_and_anonymous_calls(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """grpc+unix location behind the real TLS front in `request` mode: identity flows to the handler."""
+    caplog.set_level(logging.DEBUG, logger="runtime.flight")
+    b = mtls_backend(tmp_path)
+    pki, metrics, sock_path, listener = b.pki, b.metrics, b.sock_path, b.listener
     front: FlightTlsFront | None = None
 
     def lookup(peer: str) -> ClientIdentity | None:
         return front.identity_for(peer) if front is not None else None
 
-    with serving(state, f"grpc+unix://{sock_path}", identities=lookup):
-        front = FlightTlsFront(listener, sock_path, manager.listener_context("flight"))
+    with serving(b.state, f"grpc+unix://{sock_path}", identities=lookup):
+        front = FlightTlsFront(listener, sock_path, b.manager.listener_context("flight"))
         front.start()
         try:
             uri = f"grpc+tls://127.0.0.1:{listener.getsockname()[1]}"

@@ -23,7 +23,7 @@ from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
 from tests.pki import Pki
 from tests.support import Runtime, run_spiced, write_pod
-from tests.test_flight import make_state, serving, value
+from tests.test_flight import mtls_backend, serving, value
 from tests.tlsprobe import file_settings, replace_atomically, wait_for
 
 
@@ -65,20 +65,11 @@ def test_every_new_connection_reaches_its_first_call_with_its_identity(tmp_path:
     """The identity crosses from the front process before the call needs it: fresh connections,
     one call each, identified and anonymous in turn, are each counted and logged correctly."""
     caplog.set_level(logging.DEBUG, logger="runtime.flight")
-    pki = Pki.create(tmp_path / "pki")
-    metrics = Metrics()
-    manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key, "request", pki.client_ca.cert),
-                                metrics)
-    state = make_state(tmp_path / "pod", tls=manager, metrics=metrics)
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    sock_path = str(private / "flight.sock")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    front = FlightFrontProcess(listener, sock_path, manager)
-    uri = f"grpc+tls://localhost:{listener.getsockname()[1]}"
-    with serving(state, f"grpc+unix://{sock_path}", identities=front.identity_for):
+    b = mtls_backend(tmp_path)
+    pki, metrics = b.pki, b.metrics
+    front = FlightFrontProcess(b.listener, b.sock_path, b.manager)
+    uri = f"grpc+tls://localhost:{b.listener.getsockname()[1]}"
+    with serving(b.state, f"grpc+unix://{b.sock_path}", identities=front.identity_for):
         front.start()
         try:
             for _ in range(8):

@@ -104,16 +104,9 @@ class FlightTlsFront:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._close_listener)
 
-    async def settled(self, quiet: float) -> bool:
-        """From any loop: whether no byte has crossed the front for `quiet` seconds and none waits
-        in the front, i.e. everything a finished call sent has left for its client."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return True
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._settled(quiet), loop))
-
     def is_settled(self, quiet: float) -> bool:
-        """`settled`, from a thread that runs no loop."""
+        """From another thread: whether no byte has crossed the front for `quiet` seconds and none
+        waits in it, i.e. everything a finished call sent has left for its client."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return True
