@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -43,6 +47,40 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def _pin(pid: int, cpus: set[int], *, descendants: bool) -> None:
+    """Every thread of `pid` (threads that exist already keep their own mask), and of its descendants."""
+    root = psutil.Process(pid)
+    for proc in (root, *(root.children(recursive=True) if descendants else ())):
+        for thread in proc.threads():
+            try:
+                os.sched_setaffinity(thread.id, cpus)
+            except ProcessLookupError:
+                pass  # a thread that ended meanwhile
+
+
+@contextmanager
+def split_cores(servers: Sequence[int]) -> Iterator[bool]:
+    """The server processes on one half of this process's CPUs, this process (the client) on the
+    other half, until the block ends. Yields False, changing nothing, where that is not possible."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        yield False
+        return
+    half = len(cpus) // 2
+    client, server = set(cpus[:half]), set(cpus[half:])
+    try:
+        for pid in servers:
+            _pin(pid, server, descendants=True)
+        _pin(os.getpid(), client, descendants=False)  # the servers are this process's children
+        yield True
+    finally:
+        for pid in (*servers, os.getpid()):
+            try:
+                _pin(pid, set(cpus), descendants=pid != os.getpid())
+            except psutil.NoSuchProcess:
+                pass
 
 
 @dataclass
