@@ -5,7 +5,7 @@
 Sections: HTTP `/v1/sql SELECT 1` under wrk; a GROUP BY over 5M parquet rows via HTTP and Flight next to
 in-process DataFusion; a 1M-row result as JSON over HTTP next to DataFusion's own JSON writer, and as
 Arrow over HTTP and Flight; Flight DoGet over our TLS front next to a bare pyarrow server with native
-gRPC TLS (throughput and small-call latency).
+gRPC TLS (throughput, free and with client and servers on separate cores, and small-call latency).
 """
 
 from __future__ import annotations

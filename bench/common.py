@@ -50,7 +50,8 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
 
 
 def _pin(pid: int, cpus: set[int], *, descendants: bool) -> None:
-    """Every thread of `pid` (threads that exist already keep their own mask), and of its descendants."""
+    """Every thread of `pid`, and of its descendants if asked: setting a process's affinity moves
+    only its main thread, and threads that already exist keep their own mask."""
     root = psutil.Process(pid)
     for proc in (root, *(root.children(recursive=True) if descendants else ())):
         for thread in proc.threads():
