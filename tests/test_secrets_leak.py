@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.pki import Issued, Pki
 from tests.support import Runtime, run_spiced, spiced_fails, write_pod
+from tests.tlsprobe import replace_atomically
 
 WINDOW = 12
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{12,}")  # to show where a key leaked without repeating it
@@ -178,14 +179,15 @@ def test_bad_rotations_never_show_the_key(pki: Pki, key: Issued, running: tuple[
     bad["key as the client CA bundle"] = {ca: key.key_pem}
     bad["key of another certificate"] = {cert: other.cert_pem}
     good = {cert: pki.server.cert_pem, key_file: key.key_pem, ca: pki.client_ca.cert_pem}
+    # Files are renamed into place: the 2 s poller runs meanwhile, and must never read a half-written file.
     for files in bad.values():
         start = len(rt.logs())
         for path, data in files.items():
-            path.write_bytes(data)
+            replace_atomically(path, data)
         rt.send_signal(signal.SIGHUP)
         rt.wait_for_log(r" WARN runtime::tls::reload: TLS reload: (rejected|failed)", after=start)
         for path, data in good.items():  # back to the good material before the next case
-            path.write_bytes(data)
+            replace_atomically(path, data)
         start = len(rt.logs())
         rt.send_signal(signal.SIGHUP)
         rt.wait_for_log(r"TLS reload: swapped server certificate", after=start)
@@ -193,7 +195,10 @@ def test_bad_rotations_never_show_the_key(pki: Pki, key: Issued, running: tuple[
     bodies = http_bodies(rt, pki)
     found = {name: leaks(text, pieces) for name, text in [("log", "\n".join(rt.logs())), *bodies.items()]}
     assert {name: f for name, f in found.items() if f} == {}
-    assert len([ln for ln in rt.logs() if " WARN runtime::tls::reload:" in ln]) == len(bad)
+    # One warning per bad case, or two when a poll tick caught the bad file before SIGHUP re-read it.
+    warnings = [ln for ln in rt.logs() if " WARN " in ln]
+    assert all(" WARN runtime::tls::reload: TLS reload: " in ln for ln in warnings), warnings
+    assert len(bad) <= len(warnings) <= 2 * len(bad), warnings
 
 
 def http_bodies(rt: Runtime, pki: Pki) -> dict[str, str]:
