@@ -7,11 +7,11 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.flight as fl
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -28,16 +28,14 @@ from tests.tlsprobe import file_settings, replace_atomically, wait_for
 
 
 def front_pids(rt: Runtime) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(rt.proc.pid), "-f", "spiced.flight.front_process"],
-                         capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return [child.pid for child in psutil.Process(rt.proc.pid).children()
+            if "spiced.flight.front_process" in child.cmdline()]
 
 
 def alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
