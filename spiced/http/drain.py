@@ -23,7 +23,8 @@ class BodyDrain:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("http_version") != "1.1" or not _has_body(scope):
+        headers = Headers(scope=scope) if scope["type"] == "http" and scope.get("http_version") == "1.1" else None
+        if headers is None or not _has_body(headers):
             await self.app(scope, receive, send)
             return
         done = False
@@ -38,7 +39,7 @@ class BodyDrain:
         async def draining_send(message: Message) -> None:
             nonlocal done
             if message["type"] == "http.response.start" and not done:
-                done = await _drain(receive, _content_length(scope))
+                done = await _drain(receive, _content_length(headers))
                 if not done:
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
@@ -60,13 +61,12 @@ async def _drain(receive: Receive, length: int | None) -> bool:
     return False
 
 
-def _has_body(scope: Scope) -> bool:
-    headers = Headers(scope=scope)
+def _has_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "").strip() not in ("", "0")
 
 
-def _content_length(scope: Scope) -> int | None:
+def _content_length(headers: Headers) -> int | None:
     try:
-        return int(Headers(scope=scope)["content-length"])
+        return int(headers["content-length"])
     except (KeyError, ValueError):
         return None
