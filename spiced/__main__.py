@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from . import logs
 from .config import load_config, parse_args
@@ -22,12 +22,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
         from .runtime import Runtime
 
-        return Runtime(config).run()
+        code = Runtime(config).run()
     except ConfigError as e:
         print(f"Spice Runtime error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 0
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process once the runtime's bounded shutdown is over, skipping interpreter finalizers:
+    a Flight server still waiting on a stalled client would otherwise block exit in pyarrow's
+    `FlightServerBase` destructor, with no bound."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class Metrics:
         self.flight_server_started = m.create_counter("runtime_flight_server_started", description="Flight server starts.")
         self.http_requests = m.create_counter("http_requests", description="HTTP requests served.")
         self.http_duration = m.create_histogram("http_requests_duration_ms", description="HTTP request duration in milliseconds.")
+        self.flight_tls_front_restarts = m.create_counter(
+            "runtime_flight_tls_front_restarts",
+            description="Flight TLS front processes started again after one exited or stopped answering, by reason.")
         self.flight_requests = m.create_counter("flight_requests", description="Flight requests served.")
         self.flight_duration = m.create_histogram("flight_request_duration_ms", description="Flight request duration in milliseconds.")
         self.query_executions = m.create_counter("query_executions", description="Queries executed.")

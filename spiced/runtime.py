@@ -151,12 +151,17 @@ class Runtime:
             self._private_dir = Path(tempfile.mkdtemp(prefix="spiced-"))
             os.chmod(self._private_dir, 0o700)
             backend = str(self._private_dir / "flight.sock")
-            self._front = FlightFrontProcess(self._sockets["flight"], backend, tls)
+            self._front = FlightFrontProcess(self._sockets["flight"], backend, tls, self.metrics,
+                                             on_serving=self._flight_serving)
             self._flight = SpiceFlightServer(f"grpc+unix://{backend}", state, identities=self._front.identity_for)
             self._front.start()
             address = display_address(self._sockets["flight"])
         self._listening("flight", address, "runtime.flight", "Flight")
         self.metrics.flight_server_started.add(1)
+
+    def _flight_serving(self, serving: bool) -> None:
+        """From the front's supervisor: whether a Flight TLS front is serving (readiness follows)."""
+        self.state.endpoints["flight"].status = "Ready" if serving else "Error"
 
     # ------------------------------------------------------------------ signals and shutdown
 

@@ -34,6 +34,10 @@ class RuntimeState:
         n: Endpoint(n) for n in ("http", "flight", "metrics")  # type: ignore[arg-type]
     })
 
+    def serving(self) -> bool:
+        """No listener is in error (e.g. while the Flight TLS front is being started again)."""
+        return all(e.status != "Error" for e in self.endpoints.values())
+
     @property
     def client_auth_mode(self) -> str:
         return self.tls.client_auth_mode if self.tls is not None else "none"

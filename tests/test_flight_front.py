@@ -312,7 +312,7 @@ def test_accepted_connections_disable_nagle(rig: Rig, pki: Pki) -> None:
     with flight_client(rig, pki, pki.client) as c:
         who(c)
         [pipe] = list(rig.front._pipes)
-        assert pipe.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert pipe.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         times = []
         for _ in range(30):
             start = time.perf_counter()

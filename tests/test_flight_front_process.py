@@ -3,23 +3,29 @@ one owner of TLS material, client identities, signals and shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pyarrow.flight as fl
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.parser import text_string_to_metric_families
 
 from spiced.flight.front import PEER_PREFIX
 from spiced.flight.front_process import FlightFrontProcess
 from spiced.identity import ClientIdentity
 from spiced.metrics import Metrics
+from spiced.runtime import DRAIN_SECONDS
 from spiced.tls.manager import TlsManager
 from tests.pki import Pki
 from tests.support import Runtime, run_spiced, write_pod
@@ -65,7 +71,7 @@ def test_every_new_connection_reaches_its_first_call_with_its_identity(tmp_path:
     caplog.set_level(logging.DEBUG, logger="runtime.flight")
     b = mtls_backend(tmp_path)
     pki, metrics = b.pki, b.metrics
-    front = FlightFrontProcess(b.listener, b.sock_path, b.manager)
+    front = FlightFrontProcess(b.listener, b.sock_path, b.manager, metrics)
     uri = f"grpc+tls://localhost:{b.listener.getsockname()[1]}"
     with serving(b.state, f"grpc+unix://{b.sock_path}", identities=front.identity_for):
         front.start()
@@ -90,7 +96,7 @@ def test_every_new_connection_reaches_its_first_call_with_its_identity(tmp_path:
 def test_a_call_waits_for_the_word_on_its_connection_but_only_for_front_peers(tmp_path: Path) -> None:
     pki = Pki.create(tmp_path / "pki")
     manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key), Metrics())
-    front = FlightFrontProcess(socket.socket(), str(tmp_path / "none.sock"), manager)
+    front = FlightFrontProcess(socket.socket(), str(tmp_path / "none.sock"), manager, Metrics())
     identity = ClientIdentity.from_der(pki.client.certificate.public_bytes(Encoding.DER))
     peer = PEER_PREFIX + "1-1"
     threading.Timer(0.3, front._connected, (peer, identity)).start()
@@ -103,18 +109,77 @@ def test_a_call_waits_for_the_word_on_its_connection_but_only_for_front_peers(tm
     assert time.monotonic() - t0 < 2.0
 
 
-def test_the_front_runs_in_its_own_process_and_is_started_again_if_it_dies(tmp_path: Path) -> None:
+def restarts(rt: Runtime, pki: Pki) -> dict[str, float]:
+    """runtime_flight_tls_front_restarts_total by reason, from the real /metrics."""
+    text = httpx.get(rt.http_url + "/metrics", verify=ssl.create_default_context(cafile=str(pki.ca.cert)), timeout=5).text
+    return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "runtime_flight_tls_front_restarts" for s in family.samples if s.name.endswith("_total")}
+
+
+def watch_readiness(rt: Runtime, pki: Pki, stop: threading.Event, seen: set[int]) -> None:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca.cert)), timeout=2) as client:
+        while not stop.is_set():
+            seen.add(client.get(rt.http_url + "/v1/ready").status_code)
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["killed", "wedged"])
+def test_a_front_that_dies_or_wedges_is_started_again_counted_and_not_ready_meanwhile(tmp_path: Path, how: str) -> None:
+    """SIGKILL ends the front; SIGSTOP leaves it alive but silent, as a wedged event loop would be.
+    Either way the supervisor starts a new front, logs one WARN line, counts it, and /v1/ready
+    answers 503 while no front serves."""
     pki = Pki.create(tmp_path / "pki")
     with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
         [first] = front_pids(rt)
         assert select_1(rt, pki) == [{"Int64(1)": 1}]
-        os.kill(first, signal.SIGKILL)
-        rt.wait_for_log(r"The Flight TLS front exited with code -9; starting it again")
-        wait_for(lambda: [p for p in front_pids(rt) if p != first and alive(p)], timeout=10)
-        wait_for(lambda: select_1(rt, pki) == [{"Int64(1)": 1}], timeout=10)
+        seen: set[int] = set()
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_readiness, args=(rt, pki, stop, seen))
+        watcher.start()
+        try:
+            os.kill(first, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+            line = rt.wait_for_log(r"The Flight TLS front (exited|has not answered)", timeout=10)
+            wait_for(lambda: [p for p in front_pids(rt) if p != first and alive(p)], timeout=10)
+            wait_for(lambda: accepted(rt, pki), timeout=10)
+            wait_for(lambda: 200 in seen and 503 in seen, timeout=5)
+        finally:
+            stop.set()
+            watcher.join()
+        assert " WARN " in line
+        if how == "killed":
+            assert line.endswith("The Flight TLS front exited with code -9; starting it again")
+        else:
+            assert re.search(r"has not answered for \d\.\d s; killed it; starting it again$", line)
+        assert not alive(first)
+        assert restarts(rt, pki) == {"exited" if how == "killed" else "unresponsive": 1.0}
         [second] = front_pids(rt)
         assert second != first
         assert rt.proc.poll() is None
+
+
+def test_sigterm_ends_the_whole_tree_in_bounded_time_with_a_wedged_front_and_clients_connected(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki")
+    with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
+        [front] = front_pids(rt)
+        idle = fl.FlightClient(rt.flight_uri.replace("127.0.0.1", "localhost"), tls_root_certs=pki.ca.cert_pem)
+        stalled = fl.FlightClient(rt.flight_uri.replace("127.0.0.1", "localhost"), tls_root_certs=pki.ca.cert_pem)
+        try:
+            idle.do_get(fl.Ticket(b"SELECT 1")).read_all()
+            reader = stalled.do_get(fl.Ticket(b"SELECT * FROM generate_series(1, 20000000)"))
+            reader.read_chunk()  # then never reads again
+            os.kill(front, signal.SIGSTOP)
+            start = time.monotonic()
+            assert rt.stop(timeout=DRAIN_SECONDS + 10) == 0
+            took = time.monotonic() - start
+            wait_for(lambda: not alive(front), timeout=5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(front, signal.SIGKILL)
+            idle.close()
+            stalled.close()
+        assert took < DRAIN_SECONDS + 5, took
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", rt.flight_port), timeout=2).close()
 
 
 def test_the_front_ignores_signals_meant_for_the_runtime(tmp_path: Path) -> None:
@@ -130,10 +195,15 @@ def test_the_front_ignores_signals_meant_for_the_runtime(tmp_path: Path) -> None
         assert not alive(front)
 
 
-def test_the_front_ends_with_the_runtime_even_when_it_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front_state", ["running", "stopped"])
+def test_the_front_ends_with_the_runtime_even_when_it_is_killed(tmp_path: Path, front_state: str) -> None:
+    """A stopped front cannot read the end of its control channel: only the parent-death signal
+    (SIGKILL, delivered even to a stopped process) ends it."""
     pki = Pki.create(tmp_path / "pki")
     with run_spiced(write_pod(tmp_path / "pod"), *tls_args(pki)) as rt:
         [front] = front_pids(rt)
+        if front_state == "stopped":
+            os.kill(front, signal.SIGSTOP)
         rt.proc.kill()
         rt.proc.wait()
         wait_for(lambda: not alive(front), timeout=5)

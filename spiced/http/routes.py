@@ -77,7 +77,8 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    if runtime(request).engine.ready():
+    state = runtime(request)
+    if state.engine.ready() and state.serving():
         return PlainTextResponse("ready")
     return PlainTextResponse("not ready", status_code=503)
 
