@@ -61,12 +61,49 @@ class DatasetState:
     error: str | None = None
 
 
+# Results leave as Utf8, Binary and List, never as view types (Utf8View, BinaryView): many
+# clients cannot decode views (apache-arrow in JS, used by the official Spice SDK, fails with
+# "Unrecognized type ... (24)"). Parquet is read and SQL string types are planned without views, so
+# nothing is converted; a view that a query still yields (`arrow_cast(x, 'Utf8View')`) is cast once
+# per batch by `QueryStream`.
+_PLAIN_ARROW_TYPES = {
+    "datafusion.execution.parquet.schema_force_view_types": "false",
+    "datafusion.sql_parser.map_string_types_to_utf8view": "false",
+}
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    if t == pa.string_view():
+        return pa.string()
+    if t == pa.binary_view():
+        return pa.binary()
+    if pa.types.is_list_view(t) or pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_large_list_view(t) or pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)), t.list_size)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_plain_type(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_plain_type(t.key_type)), t.item_field.with_type(_plain_type(t.item_type)),
+                       t.keys_sorted)
+    return t
+
+
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with every view type (at any depth) replaced by its plain counterpart."""
+    return pa.schema([f.with_type(_plain_type(f.type)) for f in schema], schema.metadata)
+
+
 class Engine:
     def __init__(self, spicepod: Spicepod, metrics: Metrics) -> None:
         config = (SessionConfig()
                   .with_default_catalog_and_schema("spice", "public")
                   .with_create_default_catalog_and_schema(True)
                   .with_information_schema(True))
+        for key, value in _PLAIN_ARROW_TYPES.items():
+            config = config.set(key, value)
         self.ctx = SessionContext(config)
         self.spicepod = spicepod
         self.metrics = metrics
@@ -236,7 +273,7 @@ class Engine:
             raise QueryError(engine_message(e)) from None
 
     def schema(self, sql: str) -> pa.Schema:
-        return self.plan(sql).schema()
+        return plain_schema(self.plan(sql).schema())
 
     def execute(self, sql: str, timeout: float | None = None) -> "QueryStream":
         """Plan and start executing; errors raised before the first batch are QueryErrors.
@@ -289,7 +326,7 @@ class Engine:
 
     def table_schema(self, name: str) -> pa.Schema | None:
         try:
-            return self.ctx.table(name).schema()
+            return plain_schema(self.ctx.table(name).schema())
         except Exception:
             return None
 
@@ -384,7 +421,8 @@ class QueryStream:
 
     def __init__(self, schema: pa.Schema, stream: RecordBatchStream | Iterator[pa.RecordBatch],
                  deadline: _Deadline | None = None) -> None:
-        self.schema = schema
+        self.schema = plain_schema(schema)
+        self._cast = not self.schema.equals(schema)  # the rare query that still yields a view type
         self._stream: RecordBatchStream | Iterator[pa.RecordBatch] | None = stream
         self._deadline = deadline
         self._started = False  # whether the first batch has been awaited
@@ -425,6 +463,8 @@ class QueryStream:
             except Exception as e:
                 raise QueryError(engine_message(e)) from None
             rb = batch if isinstance(batch, pa.RecordBatch) else batch.to_pyarrow()  # type: ignore[attr-defined]
+            if self._cast:
+                rb = rb.cast(self.schema)
             self.rows += rb.num_rows
             yield rb
 
