@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import pyarrow as pa
 from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQLOptions
@@ -66,6 +66,8 @@ class DatasetState:
 # "Unrecognized type ... (24)"). Parquet is read and SQL string types are planned without views, so
 # nothing is converted; a view that a query still yields (`arrow_cast(x, 'Utf8View')`) is cast once
 # per batch by `QueryStream`.
+Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
+
 _PLAIN_ARROW_TYPES = {
     "datafusion.execution.parquet.schema_force_view_types": "false",
     "datafusion.sql_parser.map_string_types_to_utf8view": "false",
@@ -254,33 +256,36 @@ class Engine:
 
     # -------------------------------------------------------------- queries
 
-    def plan(self, sql: str) -> DataFrame:
-        """Plan one read-only statement; planning errors become QueryError with DataFusion's text."""
+    def plan(self, sql: str, params: Params | None = None) -> DataFrame:
+        """Plan one read-only statement; planning errors become QueryError with DataFusion's text.
+
+        `params` binds placeholders: `$1`, `$2` by the keys "1", "2"; `$name` and `:name` by "name".
+        Values are Python values or pyarrow scalars (which keep their Arrow type)."""
         swaps = self._swaps
         try:
-            return self._plan(sql)
+            return self._plan(sql, params)
         except QueryError:
             if swaps % 2 == 0 and swaps == self._swaps:
                 raise
         with self._swap_lock:  # a table was being replaced meanwhile: plan again once it is back
             pass
-        return self._plan(sql)
+        return self._plan(sql, params)
 
-    def _plan(self, sql: str) -> DataFrame:
+    def _plan(self, sql: str, params: Params | None) -> DataFrame:
         try:
-            return self.ctx.sql_with_options(sql, _READ_ONLY)
+            return self.ctx.sql_with_options(sql, _READ_ONLY, param_values=dict(params) if params else None)
         except Exception as e:
             raise QueryError(engine_message(e)) from None
 
-    def schema(self, sql: str) -> pa.Schema:
-        return plain_schema(self.plan(sql).schema())
+    def schema(self, sql: str, params: Params | None = None) -> pa.Schema:
+        return plain_schema(self.plan(sql, params).schema())
 
-    def execute(self, sql: str, timeout: float | None = None) -> "QueryStream":
+    def execute(self, sql: str, timeout: float | None = None, params: Params | None = None) -> "QueryStream":
         """Plan and start executing; errors raised before the first batch are QueryErrors.
 
         With a `timeout` (seconds from now), a batch not ready by then ends the query with a
         QueryError of kind `timeout`, and the query stops running (see `QueryStream`)."""
-        df = self.plan(sql)
+        df = self.plan(sql, params)
         deadline = _Deadline(timeout, self._loop.get()) if timeout is not None else None
         stored = self._stored_scan(df)
         if stored is not None:
