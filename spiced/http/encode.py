@@ -2,7 +2,8 @@
 
 Every encoder has the same three steps (`begin`, `batch`, `end`) so `/v1/sql` streams any of
 them batch by batch: JSON (spiced/http/encode_json.py), CSV, a bordered text table (collected:
-it is for humans), or an Arrow IPC stream.
+it is for humans), an Arrow IPC stream, or upstream's `application/vnd.spiceai.sql.v1+json`
+envelope (spiced/http/encode_vnd.py, buffered whole).
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
+from . import encode_vnd
 from .encode_json import JsonEncoder
 from .values import BatchSql, display_columns, value_bytes
 
-MediaType = Literal["application/json", "text/csv", "text/plain", "application/vnd.apache.arrow.stream"]
-MEDIA_TYPES: tuple[MediaType, ...] = ("application/json", "text/csv", "text/plain", "application/vnd.apache.arrow.stream")
+MediaType = Literal["application/json", "text/csv", "text/plain", "application/vnd.apache.arrow.stream",
+                    "application/vnd.spiceai.sql.v1+json"]
+MEDIA_TYPES: tuple[MediaType, ...] = ("application/json", "text/csv", "text/plain",
+                                      "application/vnd.apache.arrow.stream", encode_vnd.MEDIA_TYPE)
 CONTENT_TYPES: dict[MediaType, str] = {
     "application/json": "application/json",
     "text/csv": "text/csv",
     "text/plain": "text/plain; charset=utf-8",
     "application/vnd.apache.arrow.stream": "application/vnd.apache.arrow.stream",
+    encode_vnd.MEDIA_TYPE: encode_vnd.MEDIA_TYPE,
 }
+# Formats whose body can only go out after the last batch: /v1/sql pulls every batch before it
+# answers, so a late failure is still a 400 (as upstream, which collects these results too).
+COLLECTED: frozenset[MediaType] = frozenset({encode_vnd.MEDIA_TYPE})
 
 
 def negotiate(accept: str | None) -> MediaType:
@@ -71,6 +79,8 @@ def encoder_for(media_type: MediaType, schema: pa.Schema) -> Encoder:
         return TableEncoder(schema)
     if media_type == "application/vnd.apache.arrow.stream":
         return ArrowStreamEncoder(schema)
+    if media_type == encode_vnd.MEDIA_TYPE:
+        return encode_vnd.VndEncoder(schema)
     return JsonEncoder(schema)
 
 

@@ -18,6 +18,18 @@ def _list_of(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "array", "items": {"type": "object", "properties": properties, "required": required}}
 
 
+_PARAMETER = {"nullable": True, "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+_SQL_REQUEST = {"type": "object", "required": ["sql"], "properties": {
+    "sql": {"type": "string"},
+    "parameters": {"anyOf": [{"type": "array", "items": _PARAMETER},
+                             {"type": "object", "additionalProperties": _PARAMETER}]}}}
+_ROWS = {"type": "array", "items": {"type": "object"}}
+_ENVELOPE = {"type": "object", "required": ["row_count", "schema", "data"], "properties": {
+    "row_count": {"type": "integer", "minimum": 0},
+    "schema": {"type": "object",
+               "description": "The Arrow schema as arrow-rs serializes it; `{}` when there are no rows"},
+    "data": _ROWS}}
+
 _DATASET = {"from": {"type": "string"}, "name": {"type": "string"}, "replication_enabled": {"type": "boolean"},
             "acceleration_enabled": {"type": "boolean"},
             "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]},
@@ -38,16 +50,24 @@ OPENAPI: dict[str, Any] = {
             "200": {"description": "Prometheus text", "content": _TEXT}, "401": _UNAUTHORIZED}}},
         "/v1/sql": {"post": {
             "summary": "Run one read-only SQL statement",
-            "requestBody": {"required": True, "content": {"text/plain": {"schema": {"type": "string", "maxLength": 2097152}}}},
+            "description": "The body is the SQL text; with `Content-Type: application/json` it is "
+                           "`{\"sql\", \"parameters\"}`: an array binds `$1`, `$2`…, an object binds `$name` and "
+                           "`:name` (integer → Int64, other number → Float64, string → Utf8, bool → Boolean, "
+                           "null → Utf8 null).",
+            "requestBody": {"required": True, "content": {
+                "text/plain": {"schema": {"type": "string", "maxLength": 2097152}},
+                "application/json": {"schema": _SQL_REQUEST}}},
             "parameters": [{"name": "Accept", "in": "header", "required": False, "schema": {"type": "string"}}],
             "responses": {
                 "200": {"description": "Rows: a JSON array of objects (null fields omitted), CSV, a text table, "
-                                       "or an Arrow IPC stream, by Accept",
-                        "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                                       "an Arrow IPC stream, or the rows with their Arrow schema, by Accept",
+                        "content": {"application/json": {"schema": _ROWS},
                                     "text/csv": {"schema": {"type": "string"}},
                                     "text/plain": {"schema": {"type": "string"}},
-                                    "application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}}}},
-                "400": {"description": "`Failed to execute query: <engine error>`, or a body that is not UTF-8",
+                                    "application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}},
+                                    "application/vnd.spiceai.sql.v1+json": {"schema": _ENVELOPE}}},
+                "400": {"description": "`Failed to execute query: <engine error>`, a body that is not UTF-8, or a JSON "
+                                       "body or parameters that cannot be used",
                         "content": _TEXT},
                 "401": _UNAUTHORIZED,
                 "413": {"description": "Body over 2 MiB", "content": _TEXT},

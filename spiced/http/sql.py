@@ -1,9 +1,13 @@
 """`POST /v1/sql`: read the SQL body, run it off the event loop, and stream the encoded result.
 
+The body is the SQL text, or under `Content-Type: application/json` the object
+`{"sql": "...", "parameters": [...] | {...}}` (spiced/http/params.py).
+
 The first batch is pulled before any header is sent, so a query that fails at once is a 400,
 not a broken 200. After that, each batch is fetched and encoded in a worker thread and sent as
 it comes; an error then can only cut the stream short (the client sees an incomplete body and
-the error is logged), never turn into a status code.
+the error is logged), never turn into a status code. Formats that are sent whole
+(`COLLECTED`: the vnd.spiceai envelope) pull every batch before the header instead.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import Send
 
-from ..engine import coalesce
+from ..engine import Params, coalesce
 from ..errors import QueryError
 from ..state import RuntimeState
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
 from .encode import (
+    COLLECTED,
     CONTENT_TYPES,
     Chunks,
     Encoder,
@@ -30,6 +35,7 @@ from .encode import (
     encoder_for,
     negotiate,
 )
+from .params import RequestError, is_json_body, parse_sql_request
 
 log = logging.getLogger("runtime.http")
 
@@ -45,9 +51,10 @@ class QueryRun:
     """One query from planning to its last batch, with its metrics. Its steps are blocking calls
     into DataFusion and the encoders; the caller runs each in a worker thread, one at a time."""
 
-    def __init__(self, state: RuntimeState, sql: str, media_type: MediaType) -> None:
+    def __init__(self, state: RuntimeState, sql: str, media_type: MediaType, params: Params | None = None) -> None:
         self.state = state
         self.sql = sql
+        self.params = params
         self.media_type = media_type
         self.timeout = state.config.query_timeout
         self.started = time.perf_counter()
@@ -63,7 +70,7 @@ class QueryRun:
     def start(self) -> Chunks:
         """Plan, execute and encode the first batch (QueryError on failure)."""
         began = time.perf_counter()
-        stream = self.state.engine.execute(self.sql, self.timeout)
+        stream = self.state.engine.execute(self.sql, self.timeout, self.params)
         self.engine_seconds += time.perf_counter() - began
         self._batches = coalesce(iter(stream))
         self._encoder = encoder_for(self.media_type, stream.schema)
@@ -72,6 +79,18 @@ class QueryRun:
             # A small first batch is often the whole result: finishing here lets it go out as one
             # plain response, without a second thread hop or chunked framing.
             chunks += self.step()
+        return chunks
+
+    async def first_chunks(self) -> Chunks:
+        """What goes out with the header: the first batch, or every batch for a collected format
+        (one worker-thread hop per batch, so a client that leaves is noticed between them)."""
+        chunks = [*await self.off_loop(self.start)]
+        try:
+            while not self.done and self.media_type in COLLECTED:
+                chunks += await self.off_loop(self.step)
+        except anyio.get_cancelled_exc_class():
+            self.finish()  # the client went away: as when a stream is cut (see `chunks`)
+            raise
         return chunks
 
     def step(self) -> Chunks:
@@ -149,6 +168,15 @@ def bad_request(text: str) -> Response:
     return PlainTextResponse(text, status_code=400)
 
 
+def read_query(body: bytes, content_type: str | None) -> tuple[str, Params | None]:
+    """The SQL text and its parameters; RequestError (a 400) for a body that cannot be run."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"Request body didn't contain valid UTF-8: {e}") from None
+    return parse_sql_request(text) if is_json_body(content_type) else (text, None)
+
+
 async def sql_endpoint(request: Request) -> Response:
     state: RuntimeState = request.app.state.runtime
     try:
@@ -158,12 +186,12 @@ async def sql_endpoint(request: Request) -> Response:
     except BodyTooSlow:
         return too_slow()
     try:
-        sql = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return bad_request(f"Request body didn't contain valid UTF-8: {e}")
-    run = QueryRun(state, sql, negotiate(request.headers.get("accept")))
+        sql, params = read_query(body, request.headers.get("content-type"))
+    except RequestError as e:
+        return bad_request(str(e))
+    run = QueryRun(state, sql, negotiate(request.headers.get("accept")), params)
     try:
-        first = await run.off_loop(run.start)
+        first = await run.first_chunks()
     except QueryError as e:
         run.finish(e)
         return PlainTextResponse(f"Failed to execute query: {e}", status_code=504 if e.kind == "timeout" else 400)
