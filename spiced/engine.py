@@ -470,6 +470,8 @@ class QueryStream:
             rb = batch if isinstance(batch, pa.RecordBatch) else batch.to_pyarrow()  # type: ignore[attr-defined]
             if self._cast:
                 rb = rb.cast(self.schema)
+            elif not rb.schema.equals(self.schema):  # DataFusion plans a column nullable, then sends it non-null
+                rb = pa.RecordBatch.from_arrays(rb.columns, schema=self.schema)
             self.rows += rb.num_rows
             yield rb
 

@@ -14,8 +14,11 @@ with any code and a clean message (`stream.failing_reader`). So:
   `Failed to execute query: <full error>` for raw SQL tickets (what upstream's DoGet sends; its
   raw-SQL GetFlightInfo does not plan at all). Errors mid-stream are INVALID_ARGUMENT.
 - Other refusals of unary calls that upstream sends as INVALID_ARGUMENT / UNIMPLEMENTED / NOT_FOUND
-  (unknown command or action, ListFlights, bad SQL in CreatePreparedStatement) go out as UNKNOWN
-  (`FlightServerError`) with the same clean message (see `_Refusal`).
+  (unknown command or action, ListFlights, bad SQL in CreatePreparedStatement, a parameter batch
+  DoPut refuses) go out as UNKNOWN (`FlightServerError`) with the same clean message (see `_Refusal`):
+  DoPut, like the unary calls, has no other way to a clean message.
+- Prepared statements (`prepared`) are stateless: the handle carries the SQL, and after DoPut the
+  bound parameter row too; the values are bound when GetFlightInfo, GetSchema and DoGet plan.
 - GetSchema is the exception: pyarrow 26 has no Flight-error path there at all, so it sends the
   exact code and pyarrow's traceback comes with it.
 - INTERNAL, DEADLINE_EXCEEDED and UNAUTHENTICATED are exact everywhere, but for a query that
@@ -32,11 +35,11 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
-from ..engine import coalesce
+from ..engine import Params, coalesce, plain_schema
 from ..errors import QueryError
 from ..state import RuntimeState
 from . import flight_sql_pb2 as pb
-from . import sql
+from . import prepared, sql
 from . import stream as streams
 from .peers import MIDDLEWARE_KEY, CallMiddlewareFactory, CallRecord, HandshakeAuth, IdentityLookup, no_identity
 
@@ -89,6 +92,20 @@ def _decode_sql(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Refusal(f"{what}: {e}") from None
+
+
+def _utf8_or_none(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _decode_handle(handle: bytes) -> prepared.Bound:
+    try:
+        return prepared.decode_handle(handle)
+    except prepared.PreparedError as e:
+        raise _Refusal(str(e)) from None
 
 
 class _QueryMetrics:
@@ -168,25 +185,29 @@ class SpiceFlightServer(flight.FlightServerBase):
 
     # ------------------------------------------------------------ queries
 
-    def _plan_schema(self, sql_text: str) -> pa.Schema:
+    def _plan_schema(self, sql_text: str, params: Params | None = None) -> pa.Schema:
         try:
-            return self.state.engine.schema(sql_text)
+            return self.state.engine.schema(sql_text, params)
         except QueryError as e:
             raise _planning_error(e) from None
 
-    def _query_info(self, descriptor: flight.FlightDescriptor, data: bytes, ticket: bytes) -> flight.FlightInfo:
-        """Plan only. The client's own mistakes are left for DoGet to report (module docstring)."""
+    def _query_info(self, descriptor: flight.FlightDescriptor, sql_text: str | None, ticket: bytes,
+                    params: Params | None = None) -> flight.FlightInfo:
+        """Plan only. The client's own mistakes (including SQL that is not UTF-8, None here) are left
+        for DoGet to report (module docstring)."""
         schema = pa.schema([])
-        try:
-            schema = self._plan_schema(data.decode("utf-8"))
-        except (UnicodeDecodeError, _Refusal):
-            pass
+        if sql_text is not None:
+            try:
+                schema = self._plan_schema(sql_text, params)
+            except _Refusal:
+                pass
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
 
-    def _stream_query(self, sql_text: str, protocol: Literal["flight", "flightsql"]) -> flight.RecordBatchStream:
+    def _stream_query(self, sql_text: str, protocol: Literal["flight", "flightsql"],
+                      params: Params | None = None) -> flight.RecordBatchStream:
         query = _QueryMetrics(self.state, protocol)
         try:
-            result = self.state.engine.execute(sql_text, self.state.config.query_timeout)
+            result = self.state.engine.execute(sql_text, self.state.config.query_timeout, params)
         except QueryError as e:
             query.finish(0, "QueryPlanningError")
             error = _planning_error(e)
@@ -238,14 +259,19 @@ class SpiceFlightServer(flight.FlightServerBase):
         command = sql.parse_command(descriptor.command)
         if isinstance(command, sql.RawSql):
             self._begin(context)
-            return self._query_info(descriptor, command.data, command.data)
+            return self._query_info(descriptor, _utf8_or_none(command.data), command.data)
         self._refuse_undecodable(context, command)
         self._begin(context, sql.command_label(command))
         ticket = sql.pack(command)  # stateless: the ticket is the command itself
         if isinstance(command, pb.CommandStatementQuery):
-            return self._query_info(descriptor, command.query.encode(), ticket)
+            return self._query_info(descriptor, command.query, ticket)
         if isinstance(command, pb.CommandPreparedStatementQuery):
-            return self._query_info(descriptor, command.prepared_statement_handle, ticket)
+            try:
+                bound = prepared.decode_handle(command.prepared_statement_handle)
+            except prepared.PreparedError:
+                return self._query_info(descriptor, None, ticket)
+            text, values = bound.query()
+            return self._query_info(descriptor, text, ticket, values)
         if sql.is_metadata(command):
             return flight.FlightInfo(sql.result_schema(command), descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
         raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
@@ -275,8 +301,8 @@ class SpiceFlightServer(flight.FlightServerBase):
         if isinstance(command, pb.CommandStatementQuery):
             return flight.SchemaResult(self._plan_schema(command.query))
         if isinstance(command, pb.CommandPreparedStatementQuery):
-            text = _decode_sql(command.prepared_statement_handle, "Invalid prepared statement handle")
-            return flight.SchemaResult(self._plan_schema(text))
+            bound = _decode_handle(command.prepared_statement_handle)
+            return flight.SchemaResult(self._plan_schema(*bound.query()))
         if sql.is_metadata(command):
             return flight.SchemaResult(sql.result_schema(command))
         raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
@@ -301,11 +327,11 @@ class SpiceFlightServer(flight.FlightServerBase):
             return self._stream_query(command.query, "flightsql")
         if isinstance(command, pb.CommandPreparedStatementQuery):
             try:
-                text = command.prepared_statement_handle.decode("utf-8")
-            except UnicodeDecodeError as e:
-                message = f"Invalid prepared statement handle: {e}"
-                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", message))
-            return self._stream_query(text, "flightsql")
+                bound = prepared.decode_handle(command.prepared_statement_handle)
+            except prepared.PreparedError as e:
+                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", str(e)))
+            text, values = bound.query()
+            return self._stream_query(text, "flightsql", values)
         if sql.is_metadata(command):
             try:
                 return flight.RecordBatchStream(sql.metadata_table(self.state.engine, command))
@@ -320,17 +346,33 @@ class SpiceFlightServer(flight.FlightServerBase):
             self._begin(context, "create_prepared_statement")
             request = self._action_body(body, pb.ActionCreatePreparedStatementRequest)
             assert isinstance(request, pb.ActionCreatePreparedStatementRequest)
-            schema = self._plan_schema(request.query)
-            result = pb.ActionCreatePreparedStatementResult(
-                prepared_statement_handle=request.query.encode("utf-8"),
-                dataset_schema=schema.serialize().to_pybytes())
-            return [flight.Result(sql.pack(result))]
+            return [flight.Result(sql.pack(self._create_prepared_statement(request.query)))]
         if kind == sql.ACTION_CLOSE_PREPARED_STATEMENT:
             self._begin(context, "close_prepared_statement")
             self._action_body(body, pb.ActionClosePreparedStatementRequest)
-            return [flight.Result(b"")]  # handles are the SQL text: nothing to free
+            return [flight.Result(b"")]  # handles carry the statement and its values: nothing to free
         self._begin(context)
         raise _Refusal("Unknown action type")
+
+    def _create_prepared_statement(self, query: str) -> pb.ActionCreatePreparedStatementResult:
+        """Planned once: the result schema, and the placeholders with the types DataFusion inferred.
+        A planning error that only unknown placeholder types cause is left for the execution."""
+        try:
+            statement = prepared.prepare(query)
+        except prepared.PreparedError as e:
+            raise _Refusal(str(e)) from None
+        try:
+            df = self.state.engine.plan(statement.sql)
+        except QueryError as e:
+            if not prepared.defers(statement, str(e)):
+                raise _planning_error(e) from None
+            df = None
+        dataset = plain_schema(df.schema()) if df is not None else pa.schema([])
+        parameters = prepared.parameter_schema(statement, df.logical_plan() if df is not None else None)
+        return pb.ActionCreatePreparedStatementResult(
+            prepared_statement_handle=prepared.encode_handle(statement.sql),
+            dataset_schema=dataset.serialize().to_pybytes(),
+            parameter_schema=parameters.serialize().to_pybytes() if parameters is not None else b"")
 
     @staticmethod
     def _action_body(body: bytes, cls: type[Message]) -> Message:
@@ -349,8 +391,25 @@ class SpiceFlightServer(flight.FlightServerBase):
 
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
-        self._begin(context)
-        raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        """Only parameter binding: the reply's app_metadata is a DoPutPreparedStatementResult whose new
+        handle carries the bound row (the client must use it). Refusals go out as UNKNOWN with a clean
+        message: pyarrow has no clean INVALID_ARGUMENT for DoPut (module docstring)."""
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        command = sql.parse_command(descriptor.command)
+        self._refuse_undecodable(context, command)
+        if not isinstance(command, pb.CommandPreparedStatementQuery):
+            self._begin(context)
+            raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
+        self._begin(context, sql.command_label(command))
+        try:
+            handle = prepared.bind(command.prepared_statement_handle, reader)
+        except prepared.PreparedError as e:
+            raise _Refusal(str(e)) from None
+        # DoPutPreparedStatementResult{prepared_statement_handle = 1} has the wire form of this message.
+        result = pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)
+        writer.write(pa.py_buffer(result.SerializeToString()))
 
     def do_exchange(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                     reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter) -> None:
