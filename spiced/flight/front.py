@@ -30,6 +30,7 @@ import time
 from typing import Any, Protocol
 
 from ..identity import ClientIdentity
+from ..tls.contexts import HandshakeWatch, handshake_watch
 
 try:
     import uvloop
@@ -211,13 +212,16 @@ class FlightTlsFront:
         handshake = asyncio.current_task()
         assert handshake is not None
         self._handshaking.add(handshake)
+        watch = HandshakeWatch(conn)
+        handshake_watch.set(watch)  # in this task's own context: the alert, and the reason behind it
         try:
             await loop.connect_accepted_socket(lambda: _Pipe(self, name), conn, ssl=self._ssl_context,
                                                ssl_handshake_timeout=self._handshake_timeout,
                                                ssl_shutdown_timeout=_LINGER)
         except Exception as e:  # noqa: BLE001 - any failed handshake: the peer's problem, logged at DEBUG
             conn.close()
-            log.debug("Flight TLS handshake with %s failed: %s", name, str(e) or type(e).__name__)
+            reason = watch.failure or e
+            log.debug("Flight TLS handshake with %s failed: %s", name, str(reason) or type(reason).__name__)
         finally:
             self._handshaking.discard(handshake)
 

@@ -13,9 +13,13 @@ so ALPN is set on the current contexts and everything else on both.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Callable, Literal
+from contextlib import suppress
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from . import material, policy
 from .material import CaBundle, CertKeyPair
@@ -53,9 +57,58 @@ def current_context(profile: Profile, mode: ClientAuthMode, pair: CertKeyPair, c
     return ctx
 
 
+@dataclass
+class HandshakeWatch:
+    """Set (in `handshake_watch`) by whoever hands an accepted socket to the event loop's TLS
+    transport: a failed handshake's alert is sent on `sock`, and its reason kept in `failure`."""
+
+    sock: socket.socket
+    failure: ssl.SSLError | None = None
+
+
+# The loop's TLS transport runs the handshake in a copy of the context of the task that handed it
+# the socket, so a watch set in that task reaches `AlertingSSLObject`.
+handshake_watch: ContextVar[HandshakeWatch | None] = ContextVar("handshake_watch", default=None)
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """An SSLObject whose failed handshake still sends its alert, where a `HandshakeWatch` is set.
+
+    The event loops' TLS transports (asyncio's and uvloop's) close the connection as soon as
+    `do_handshake` raises, dropping the alert OpenSSL has just queued: a client without the
+    required certificate sees a bare EOF instead of `certificate_required` (which RFC 8446 §4.4.2.4
+    says the server MUST send), a foreign one no `unknown_ca`. So the queued bytes are sent on the
+    watched socket first. Nothing the transport wrote can be behind them: what OpenSSL queues
+    leaves the BIO only through the transport, and the peer's last flight answered its last one."""
+
+    _outgoing: ssl.MemoryBIO
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> "AlertingSSLObject":
+        self: AlertingSSLObject = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        self._outgoing = outgoing
+        return self
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            watch = handshake_watch.get()
+            if watch is not None:
+                watch.failure = e
+                alert = self._outgoing.read()
+                if alert:
+                    with suppress(OSError):
+                        watch.sock.send(alert)
+            raise
+
+
 def listener_context(profile: Profile, mode: ClientAuthMode, current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """A listener's context: every handshake switches to `current()` once the ClientHello is in."""
     ctx = base_context(profile, mode)
+    ctx.sslobject_class = AlertingSSLObject
     if ctx.verify_mode != ssl.CERT_NONE:
         policy.forbid_resumption(ctx)
 
