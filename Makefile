@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+JS_STAMP := tests/js/node_modules/.installed
 
 .PHONY: install run test bench soak clean proto
 
@@ -17,7 +18,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/spiced
 
-test: install
+# The JavaScript SDK the tests use as a client (tests/js), reinstalled when its lockfile changes.
+$(JS_STAMP): tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund
+	touch $(JS_STAMP)
+
+test: install $(JS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian tools needed by the load benchmarks and soak runs (wrk, h2load, stunnel for wrk under mTLS).
