@@ -48,6 +48,12 @@ class Runtime:
     # ------------------------------------------------------------------ entry
 
     def run(self) -> int:
+        from .http import hypercorn_patches
+
+        try:
+            hypercorn_patches.install()
+        except hypercorn_patches.HypercornMismatch as e:
+            raise ConfigError(f"Unable to start Spice Runtime servers: {e}") from None
         tls = None
         if self.config.tls is not None:
             from .tls.manager import TlsManager

@@ -1,4 +1,4 @@
-"""spiced/http/server.py: the verified client certificate reaches the ASGI app over HTTP/1.1 and h2,
+"""spiced/http/hypercorn_patches.py: the verified client certificate reaches the ASGI app over HTTP/1.1 and h2,
 through a real Hypercorn on port 0 serving the TLS manager's listener context, with httpx as client.
 
 This guards the Hypercorn internal that server.py replaces (`hypercorn.asyncio.run.TCPServer`)."""
@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from spiced.http.server import current_tls_info, serve
+from spiced.http.server import serve
+from spiced.http.tls_info import current_tls_info
 from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
 from tests.pki import Issued, Pki

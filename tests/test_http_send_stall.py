@@ -1,4 +1,4 @@
-"""SEND_STALL_SECONDS (spiced/http/server.py): a client that stops taking its response loses it
+"""SEND_STALL_SECONDS (spiced/http/hypercorn_patches.py): a client that stops taking its response loses it
 once the bound has passed, and its query ends. HTTP/1.1: the connection is dropped. h2: the
 stream is reset (CANCEL) while the connection and its other streams go on. In-process Hypercorn
 with the bound set to 1 s; the clients are raw sockets that simply stop reading."""
@@ -17,7 +17,7 @@ import h2.events
 import h2.settings
 import pytest
 
-from spiced.http import server
+from spiced.http import hypercorn_patches
 from tests.support import write_pod
 from tests.test_http_api import ApiServer, api_server, make_state, sample_value
 from tests.tlsprobe import LoopThread, wait_for
@@ -27,7 +27,7 @@ BIG = b"SELECT value, 'padding-padding-padding-padding' AS p FROM generate_serie
 
 @pytest.fixture
 def api(loop: LoopThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiServer]:
-    monkeypatch.setattr(server, "SEND_STALL_SECONDS", 1.0)
+    monkeypatch.setattr(hypercorn_patches, "SEND_STALL_SECONDS", 1.0)
     with api_server(loop, make_state(write_pod(tmp_path))) as s:
         yield s
 

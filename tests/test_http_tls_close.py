@@ -1,4 +1,4 @@
-"""spiced/http/server.py `_release_when_delivered`: a TLS connection the server has closed is let go
+"""spiced/http/hypercorn_patches.py `_release_when_delivered`: a TLS connection the server has closed is let go
 about CLOSE_NOTIFY_GRACE after all it wrote has left, not 30 s later (asyncio waits that long for
 the client's close_notify), and never before: a client that stops reading for longer than the
 grace still gets every byte. Real asyncio TLS server, real ssl client socket."""
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from spiced.http.server import CLOSE_NOTIFY_GRACE, _release_when_delivered
+from spiced.http.hypercorn_patches import CLOSE_NOTIFY_GRACE, _release_when_delivered
 from tests.pki import Pki
 from tests.tlsprobe import LoopThread, client_context
 

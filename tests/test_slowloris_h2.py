@@ -4,7 +4,7 @@ with the `h2` library: they cannot hold the HTTP listener.
 tests/test_fuzz_http.py does this for HTTP/1.1. Over h2 a connection is not a request: one client
 can open streams and leave them unfinished, send only control frames (PING, SETTINGS), trickle a
 header block in CONTINUATION frames, or stop reading a large result. The server bounds that are
-checked here (spiced/http/server.py, spiced/http/body.py):
+checked here (spiced/http/hypercorn_patches.py, spiced/http/body.py):
 
   * a connection with no request in progress is closed after the keep-alive timeout (15 s), however
     busy the client keeps it with frames that are not requests (seen at 15.0 s);

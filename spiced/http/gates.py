@@ -1,7 +1,7 @@
 """Who may use the HTTP API: the client-certificate gate, then the API-key gate (ASGI middleware).
 
 1. Client certificate (§6.4). The verified identity of the connection comes from the server
-   (`spiced.http.server.current_tls_info()`); it is put into `scope["extensions"]["tls"]` (the
+   (`spiced.http.tls_info.current_tls_info()`); it is put into `scope["extensions"]["tls"]` (the
    ASGI TLS extension) and `scope["spiced.client_identity"]`. Under `client_auth_mode=required`,
    a request without one answers 401 JSON on every route but `/health`, `/v1/ready`, `/metrics`.
 2. API keys (§7.4). `X-API-Key`, else `Authorization: Bearer`; 401 `Unauthorized` otherwise.
@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..auth import bearer_token
 from ..identity import ClientIdentity
 from ..state import RuntimeState
-from .server import current_tls_info
+from .tls_info import current_tls_info
 
 CERT_EXEMPT = frozenset({"/health", "/v1/ready", "/metrics"})
 KEY_EXEMPT = frozenset({"/health", "/v1/ready"})
