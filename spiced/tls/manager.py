@@ -23,7 +23,7 @@ from ..metrics import Metrics
 from . import contexts, material
 from .contexts import PROFILES, Profile
 from .material import CaBundle, CertKeyPair
-from .watch import FileWatch, poll
+from .watch import FileWatch, notify, poll
 
 SCOPE = "public"
 Subscriber = Callable[[CertKeyPair, "CaBundle | None"], None]
@@ -132,11 +132,16 @@ class TlsManager:
         ca_due = s.client_ca is not None and s.client_ca.path in changed
         self._reload(pair_due=pair_due, ca_due=ca_due, forced=False)
 
-    async def watch(self, stop: asyncio.Event, interval: float = 2.0) -> None:
-        """Poll the material files every `interval` seconds until `stop` is set."""
+    async def watch(self, stop: asyncio.Event, interval: float = 2.0, notifications: bool = True) -> None:
+        """Check the material files for changes until `stop` is set: every `interval` seconds, and,
+        with `notifications`, within milliseconds of the filesystem reporting a change next to them
+        (polling stays on beside them, for filesystems that drop or never send notifications)."""
         if self._files is None:
             return
-        await poll(stop, interval, self.check_for_changes)
+        watchers = [poll(stop, interval, self.check_for_changes)]
+        if notifications:
+            watchers.append(notify(stop, self._files.paths, self.check_for_changes))
+        await asyncio.gather(*watchers)
 
     def _reload(self, *, pair_due: bool, ca_due: bool, forced: bool) -> None:
         with self._lock:

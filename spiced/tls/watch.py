@@ -1,4 +1,5 @@
-"""Noticing that TLS material files changed: stat stamps, content comparison, the polling loop.
+"""Noticing that TLS material files changed: stat stamps, content comparison, the polling loop,
+and filesystem notifications (`notify`) that wake the same check within milliseconds.
 
 A stamp is `(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)` from `os.stat`, which follows
 symlinks: an atomic rename gives a new inode and a kubelet `..data` swap resolves to a new target,
@@ -14,10 +15,16 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("runtime.tls.reload")
+
+# After the filesystem reports a change, wait until it has been quiet this long before reading, so a
+# certificate and key written one after the other are read as a pair (watchfiles' `step`).
+SETTLE_MS = 30
+_GROUP_MS = 300  # ... but never group changes for longer than this (watchfiles' `debounce`)
 
 Stamp = tuple[int, int, int, int, int]
 
@@ -55,6 +62,10 @@ class FileWatch:
     def __init__(self, paths: Iterable[Path]) -> None:
         self._seen: dict[Path, _Seen] = {p: _Seen(None, True, None) for p in paths}
 
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._seen)
+
     def changed(self) -> set[Path]:
         """Paths whose stamp moved (or was racy) since their last read."""
         return {p for p, seen in self._seen.items() if seen.racy or stamp(p) != seen.stamp}
@@ -91,3 +102,42 @@ async def poll(stop: asyncio.Event, interval: float, tick: Callable[[], None]) -
             tick()
         except Exception:
             log.exception("TLS reload: unexpected error while checking TLS material")
+
+
+def watched_dirs(paths: Iterable[Path]) -> set[Path]:
+    """The directories whose entries decide what `paths` read: each path's own directory (an atomic
+    rename, or kubelet's `..data` symlink swap, happens there) and, for a symlink, its target's."""
+    dirs: set[Path] = set()
+    for path in paths:
+        path = path.absolute()
+        dirs.add(path.parent)
+        with suppress(OSError):
+            dirs.add(path.resolve(strict=True).parent)
+    return {d for d in dirs if d.is_dir()}
+
+
+async def notify(stop: asyncio.Event, paths: Iterable[Path], tick: Callable[[], None]) -> None:
+    """Call `tick` shortly after the filesystem reports any change in the directories holding `paths`,
+    until `stop` is set. Returns early, with one WARN line, where notifications are unavailable (the
+    polling loop, which runs beside this, then carries on alone)."""
+    import watchfiles
+
+    paths = list(paths)
+    while not stop.is_set():
+        dirs = watched_dirs(paths)
+        if not dirs:
+            return
+        try:
+            async for _ in watchfiles.awatch(*dirs, watch_filter=None, recursive=False, stop_event=stop,
+                                             step=SETTLE_MS, debounce=_GROUP_MS):
+                try:
+                    tick()
+                except Exception:
+                    log.exception("TLS reload: unexpected error while checking TLS material")
+                if watched_dirs(paths) != dirs:
+                    break  # a symlink now points into another directory: watch that one instead
+            else:
+                return  # stopped
+        except (OSError, RuntimeError) as e:  # no inotify here, or its watch limit reached
+            log.warning("TLS reload: filesystem notifications unavailable (%s); checking every 2 s instead", e)
+            return
