@@ -105,10 +105,14 @@ def run_phase(spec: PhaseSpec, pki: Pki, work: Path) -> PhaseReport:
         stack.callback(probe.stop)
         flight_load = next((load for load in loads if isinstance(load, FlightLoad)), None)
         applied = rotate(spec, layout, steps, rt, counter, probe, report, flight_load)
+        windows = [(a.rotated, a.counted) for a in applied if a.step.expect == "ok"]
+        if flight_load is not None and windows:
+            # Rotations are seen within milliseconds, so the phase can end while the slow stream
+            # started before the first one still runs: let it finish (stopping would cancel it).
+            wait_until(lambda: flight_load.spanning(windows)["slow"] > 0, flight_load.slow_seconds + 15)
         probe.stop()
         report.loads = [load.stop() for load in loads]
         running.clear()
-        windows = [(a.rotated, a.counted) for a in applied if a.step.expect == "ok"]
         for load in loads:
             if isinstance(load, FlightLoad):
                 spanning = load.spanning(windows)

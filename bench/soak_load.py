@@ -582,7 +582,7 @@ class FlightLoad:
                  slow_seconds: float = 5.0) -> None:
         self.name = name
         self._target, self._ticket = target, flight.Ticket(sql.encode())
-        self._rows, self._id_sum, self._slow_seconds = rows, id_sum, slow_seconds
+        self._rows, self._id_sum, self.slow_seconds = rows, id_sum, slow_seconds
         self._batches = 0  # batches in a stream, learnt from the first complete one
         self._learned = threading.Event()
         self._slow_since: float | None = None  # start of the slow stream in progress
@@ -598,7 +598,7 @@ class FlightLoad:
     def _stream(self, client: flight.FlightClient, kind: str, slow: bool = False) -> None:
         started = time.monotonic()
         error = None
-        pace = self._slow_seconds / max(self._batches, 1) if slow else 0.0
+        pace = self.slow_seconds / max(self._batches, 1) if slow else 0.0
         if slow:
             self._slow_since = started
         try:
@@ -665,7 +665,8 @@ class FlightLoad:
     def spanning(self, windows: list[tuple[float, float]]) -> Counter[str]:
         """Good streams, by kind, that were running across a whole window (start, end): a rotation
         from the files landing to the swap being counted."""
-        return Counter(kind for kind, s, e in self.spans if any(s < a and e > b for a, b in windows))
+        with self._lock:
+            return Counter(kind for kind, s, e in self.spans if any(s < a and e > b for a, b in windows))
 
     def stop(self) -> LoadResult:
         self._stop.set()
