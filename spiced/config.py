@@ -105,6 +105,7 @@ class RuntimeConfig:
     tls: TlsSettings | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     query_timeout: float | None = None
+    access_log: bool = False  # INFO line per HTTP request and Flight call (spiced/http/observe.py, flight/peers.py)
     pods_watcher: bool = False
     verbosity: int = 0
     workdir: Path = field(default_factory=Path.cwd)
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-auth-ca-file", metavar="PATH")
     p.add_argument("--tls-client-auth-ca", metavar="PEM")
     p.add_argument("--pods-watcher-enabled", action="store_true")
+    p.add_argument("--access-log", action="store_true", default=None,
+                   help="Log every HTTP request and Flight call at INFO (also runtime.access_log: true)")
     p.add_argument("--telemetry-enabled", type=_bool_value, metavar="<true|false>")
     p.add_argument("--set-runtime", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -375,6 +378,7 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
         tls=tls_settings(args, spec.runtime.tls, secrets),
         api_keys=_api_keys(spec, secrets),
         query_timeout=timeout,
+        access_log=bool(args.access_log) or bool(spec.runtime.access_log),
         pods_watcher=args.pods_watcher_enabled,
         verbosity=2 if args.very_verbose else args.verbose,
         workdir=workdir,

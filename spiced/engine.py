@@ -18,7 +18,8 @@ from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQ
 from datafusion.record_batch import RecordBatchStream
 
 from .config import Dataset, Spicepod
-from .errors import QueryError
+from .errors import QueryError, QueryErrorKind
+from .interrupt import Stopped, Stopper
 from .metrics import Metrics
 
 log = logging.getLogger("runtime")
@@ -33,6 +34,35 @@ def engine_message(e: BaseException) -> str:
     """DataFusion's text without the Python binding's `DataFusion error: ` wrapper."""
     text = str(e)
     return text.removeprefix("DataFusion error: ")
+
+
+# DataFusionError's Display prefixes → kind (upstream's error_code.rs classifies the same variants).
+_KINDS: tuple[tuple[str, QueryErrorKind], ...] = (
+    ("SQL error: ", "syntax"),
+    ("Error during planning: ", "planning"),
+    ("Schema error: ", "planning"),
+    ("Execution error: ", "execution"),
+    ("Object Store error: ", "execution"),
+    ("External error: ", "execution"),
+    ("This feature is not implemented: ", "unsupported"),
+    ("Resources exhausted: ", "resources_exhausted"),
+)
+
+
+def classify(message: str) -> QueryErrorKind:
+    """The kind of a DataFusion error from its text; a `Context` wrapper (`<what>\ncaused by\n<error>`)
+    is classified by the error it wraps, as upstream unwraps Context and Shared."""
+    inner = message.rpartition("caused by\n")[2].lstrip()
+    for prefix, kind in _KINDS:
+        if inner.startswith(prefix):
+            return kind
+    return "internal"
+
+
+def engine_error(e: BaseException) -> QueryError:
+    """A DataFusion failure as the QueryError the client sees, classified once."""
+    message = engine_message(e)
+    return QueryError(message, kind=classify(message))
 
 
 def format_size(n: float) -> str:
@@ -275,26 +305,31 @@ class Engine:
         try:
             return self.ctx.sql_with_options(sql, _READ_ONLY, param_values=dict(params) if params else None)
         except Exception as e:
-            raise QueryError(engine_message(e)) from None
+            raise engine_error(e) from None
 
     def schema(self, sql: str, params: Params | None = None) -> pa.Schema:
         return plain_schema(self.plan(sql, params).schema())
 
-    def execute(self, sql: str, timeout: float | None = None, params: Params | None = None) -> "QueryStream":
+    def execute(self, sql: str, timeout: float | None = None, params: Params | None = None,
+                stopper: Stopper | None = None) -> "QueryStream":
         """Plan and start executing; errors raised before the first batch are QueryErrors.
 
         With a `timeout` (seconds from now), a batch not ready by then ends the query with a
-        QueryError of kind `timeout`, and the query stops running (see `QueryStream`)."""
+        QueryError of kind `timeout`; `stopper.stop(error)` ends it with `error` (a cancel). Either
+        way the query stops running (see `QueryStream`)."""
+        stopper = stopper or Stopper()
         df = self.plan(sql, params)
         deadline = _Deadline(timeout, self._loop.get()) if timeout is not None else None
         stored = self._stored_scan(df)
         if stored is not None:
-            return QueryStream(df.schema(), stored, deadline)
+            return QueryStream(df.schema(), stored, deadline, stopper)
         try:
-            stream = df.execute_stream()
+            stream = stopper.call(df.execute_stream)
+        except Stopped as e:
+            raise e.error from None
         except Exception as e:
-            raise QueryError(engine_message(e)) from None
-        return QueryStream(df.schema(), stream, deadline)
+            raise engine_error(e) from None
+        return QueryStream(df.schema(), stream, deadline, stopper)
 
     def _stored_scan(self, df: DataFrame) -> Iterator[pa.RecordBatch] | None:
         """For a plain scan of an accelerated dataset (`SELECT <columns> FROM <dataset>`: no filter,
@@ -366,8 +401,9 @@ def coalesce(batches: Iterable[pa.RecordBatch], rows: int = 65_536,
 
 class _WaitLoop:
     """An event loop on a thread of its own, started on first use, where timed queries wait for
-    their batches. DataFusion stops a query when its stream is dropped, but a blocking `next()`
-    cannot be interrupted; an awaited `__anext__` can, and cancelling it drops the Rust future."""
+    their first batch. DataFusion stops a query when its stream is dropped, but a blocking `next()`
+    cannot be interrupted at a precise moment; an awaited `__anext__` can, and cancelling it drops
+    the Rust future. (A cancel does not need that precision: spiced.interrupt.)"""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -417,45 +453,64 @@ async def _next_within(stream: RecordBatchStream, seconds: float) -> object:
 class QueryStream:
     """A running query: its schema and an iterator of record batches (errors mid-stream are QueryErrors).
 
+    Every blocking fetch runs through the query's Stopper, so `stopper.stop(error)` (a cancel) ends
+    it, within about a second even while DataFusion is still computing a batch (spiced.interrupt).
     Under a deadline, the first batch (where sorts, aggregates and joins spend their time) is
-    awaited on the wait loop for at most the time left; past it the wait is cancelled and the
-    stream dropped, which cancels DataFusion's tasks. Later batches are fetched directly (an await
-    costs about a millisecond per batch) and the deadline is checked between them. DataFusion
-    stops at its next yield point, so an operator busy on one huge batch runs on until it ends.
+    awaited on the wait loop for at most the time left; past it, or on a stop, the wait is
+    cancelled. Later batches are fetched directly (an await costs about half a millisecond) and
+    the deadline is checked between them. Either way the stream is dropped, which cancels
+    DataFusion's tasks; DataFusion stops at its next yield point, so an operator busy on one huge
+    batch runs on until it ends.
     """
 
     def __init__(self, schema: pa.Schema, stream: RecordBatchStream | Iterator[pa.RecordBatch],
-                 deadline: _Deadline | None = None) -> None:
+                 deadline: _Deadline | None = None, stopper: Stopper | None = None) -> None:
         self.schema = plain_schema(schema)
         self._cast = not self.schema.equals(schema)  # the rare query that still yields a view type
         self._stream: RecordBatchStream | Iterator[pa.RecordBatch] | None = stream
         self._deadline = deadline
-        self._started = False  # whether the first batch has been awaited
+        self._stopper = stopper or Stopper()
+        self._started = False  # whether the first batch has been asked for
         self.rows = 0
 
     def _next(self) -> object:
-        assert self._stream is not None
-        deadline = self._deadline
-        if deadline is None:
-            return next(self._stream)
-        left = deadline.at - time.monotonic()
-        if left > 0 and (self._started or not isinstance(self._stream, RecordBatchStream)):
-            return next(self._stream)
-        if left > 0:
-            assert isinstance(self._stream, RecordBatchStream)  # the first batch of a DataFusion stream
-            self._started = True
-            waiting = asyncio.run_coroutine_threadsafe(_next_within(self._stream, left), deadline.loop)
-            try:
-                return waiting.result()
-            except StopAsyncIteration:
-                raise StopIteration from None
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
-            del waiting  # its exception's traceback still holds the stream
-        # Raised outside the except block, so no exception context keeps the stream alive:
-        # dropping this last reference is what stops the query.
-        self._stream = None
-        raise deadline.error()
+        outcome = self._fetch()
+        if isinstance(outcome, QueryError):
+            # Raised here, where no exception context or traceback holds the stream: dropping
+            # this last reference is what stops the query.
+            self._stream = None
+            raise outcome
+        return outcome
+
+    def _fetch(self) -> object:
+        """The next batch, or the QueryError that ends the query early (a stop or the time limit)."""
+        stream, deadline = self._stream, self._deadline
+        assert stream is not None
+        first, self._started = not self._started, True
+        if deadline is not None:
+            left = deadline.at - time.monotonic()
+            if left <= 0:
+                return deadline.error()
+            if first and isinstance(stream, RecordBatchStream):
+                return self._first_within(stream, left, deadline)
+        try:
+            return self._stopper.call(next, stream)
+        except Stopped as e:
+            error = e.error
+        return error
+
+    def _first_within(self, stream: RecordBatchStream, left: float, deadline: _Deadline) -> object:
+        waiting = asyncio.run_coroutine_threadsafe(_next_within(stream, left), deadline.loop)
+        try:
+            return self._stopper.wait(waiting)
+        except StopAsyncIteration:
+            raise StopIteration from None
+        except (TimeoutError, asyncio.TimeoutError):
+            error = deadline.error()
+        except Stopped as e:
+            error = e.error
+        del waiting  # its exception's traceback still holds the stream
+        return error
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         while self._stream is not None:
@@ -466,7 +521,7 @@ class QueryStream:
             except QueryError:
                 raise
             except Exception as e:
-                raise QueryError(engine_message(e)) from None
+                raise engine_error(e) from None
             rb = batch if isinstance(batch, pa.RecordBatch) else batch.to_pyarrow()  # type: ignore[attr-defined]
             if self._cast:
                 rb = rb.cast(self.schema)

@@ -59,6 +59,7 @@ class RuntimeSpec(_Loose):
     auth: Optional[AuthSpec] = None
     query: Optional[QuerySpec] = None
     task_history: Optional[TaskHistorySpec] = None
+    access_log: Optional[bool] = None  # ours: one INFO line per HTTP request and Flight call (--access-log)
 
 
 class SecretSpec(_Strict):

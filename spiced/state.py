@@ -9,6 +9,7 @@ from .auth import ApiKeys
 from .config import RuntimeConfig
 from .engine import Engine
 from .metrics import Metrics
+from .queries import ActiveQueries
 
 if TYPE_CHECKING:
     from .tls.manager import TlsManager
@@ -30,6 +31,7 @@ class RuntimeState:
     metrics: Metrics
     api_keys: ApiKeys
     tls: "TlsManager | None" = None
+    queries: ActiveQueries = field(default_factory=ActiveQueries)  # synchronous queries running now
     endpoints: dict[str, Endpoint] = field(default_factory=lambda: {
         n: Endpoint(n) for n in ("http", "flight", "metrics")  # type: ignore[arg-type]
     })

@@ -235,13 +235,21 @@ def test_bad_flight_sql_statement_is_invalid_argument_with_the_bare_message(clie
 
 
 def test_bad_raw_sql_fails_to_execute(client: fl.FlightClient) -> None:
-    info = client.get_flight_info(fl.FlightDescriptor.for_command(b"SELECT * FROM nope"))
-    assert info.schema == pa.schema([]) and info.endpoints[0].ticket.ticket == b"SELECT * FROM nope"
+    # Straight to DoGet: upstream's INTERNAL with the full text.
     with pytest.raises(fl.FlightInternalError) as error:
-        client.do_get(info.endpoints[0].ticket).read_all()
+        client.do_get(fl.Ticket(b"SELECT * FROM nope")).read_all()
     assert str(error.value).startswith(
         "Failed to execute query: Error during planning: table 'spice.public.nope' not found")
     clean(str(error.value))
+    # Through GetFlightInfo: the ticket handed out for SQL that does not plan wraps it, and its DoGet
+    # reports the mistake as Flight SQL does (tests/test_query_outcomes.py has the rest).
+    info = client.get_flight_info(fl.FlightDescriptor.for_command(b"SELECT * FROM nope"))
+    wrapped = sql.pack(pb.TicketStatementQuery(statement_handle=b"SELECT * FROM nope"))
+    assert info.schema == pa.schema([]) and info.endpoints[0].ticket.ticket == wrapped
+    with pytest.raises(pa.ArrowInvalid, match="^table 'spice.public.nope' not found. gRPC client debug context: "
+                                              "INVALID_ARGUMENT") as invalid:
+        client.do_get(info.endpoints[0].ticket).read_all()
+    clean(str(invalid.value))
 
 
 @pytest.mark.parametrize("statement, refusal", [
@@ -275,7 +283,9 @@ def test_invalid_prepared_statement_handle(client: fl.FlightClient) -> None:
 
 
 def test_error_mid_stream_is_invalid_argument(client: fl.FlightClient, state: RuntimeState) -> None:
-    before = value(state.metrics, "query_failures", protocol="flight", err_code="QueryExecutionError")
+    # An Arrow error: upstream's err_code for it is InternalError (only Execution, ObjectStore and
+    # External errors are QueryExecutionError).
+    before = value(state.metrics, "query_failures", protocol="flight", err_code="InternalError")
     reader = client.do_get(fl.Ticket(MID_STREAM_FAILURE))
     rows = 0
     with pytest.raises(pa.ArrowInvalid, match="^Arrow error: Divide by zero error") as info:
@@ -283,7 +293,7 @@ def test_error_mid_stream_is_invalid_argument(client: fl.FlightClient, state: Ru
             rows += chunk.data.num_rows
     assert 0 < rows < 2_000_000
     clean(str(info.value))
-    assert value(state.metrics, "query_failures", protocol="flight", err_code="QueryExecutionError") == before + 1
+    assert value(state.metrics, "query_failures", protocol="flight", err_code="InternalError") == before + 1
 
 
 def test_unknown_flight_sql_command(client: fl.FlightClient) -> None:

@@ -337,11 +337,13 @@ def test_a_body_that_cannot_be_drained_is_announced_with_connection_close(api: A
 def test_error_after_the_first_batch_cuts_the_stream(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     # Rows of the first batch are fine; a later batch divides by zero.
     sql = "SELECT value, 1 / (CASE WHEN value > 50000 THEN 0 ELSE 1 END) AS x FROM generate_series(1, 200000)"
-    with caplog.at_level(logging.WARNING, logger="runtime.http"), http.stream("POST", "/v1/sql", content=sql) as r:
+    with caplog.at_level(logging.WARNING, logger="runtime.query"), http.stream("POST", "/v1/sql", content=sql) as r:
         assert r.status_code == 200
         with pytest.raises(httpx.RemoteProtocolError):
             r.read()
-    assert any("Error processing batch: Arrow error: Divide by zero error" in m for m in caplog.messages)
+    failed = [m for m in caplog.messages if m.startswith("Query failed ")]
+    assert len(failed) == 1 and "protocol=http err_code=InternalError" in failed[0]
+    assert failed[0].endswith(' error="Arrow error: Divide by zero error"')
     assert http.get("/health").status_code == 200
 
 
@@ -488,7 +490,7 @@ def test_request_and_query_metrics(http: httpx.Client) -> None:
     assert sample_value(text, "http_requests_total", method="GET", path="unmatched", status="404") >= 1
     assert sample_value(text, "http_requests_duration_ms_count", method="POST", path="/v1/sql", status="200") >= 1
     assert sample_value(text, "query_executions_total", protocol="http") >= 2
-    assert sample_value(text, "query_failures_total", protocol="http", err_code="invalid") >= 1
+    assert sample_value(text, "query_failures_total", protocol="http", err_code="QueryPlanningError") >= 1
     assert sample_value(text, "query_duration_ms_count", protocol="http") >= 2
     assert sample_value(text, "query_returned_rows_total") >= 1
     assert sample_value(text, "query_active_count", protocol="http") == 0
@@ -519,7 +521,7 @@ def test_access_log_one_debug_line_per_request_and_quiet_at_info(http: httpx.Cli
         wait_for(lambda: len(lines()) >= 2, timeout=5)  # logged when the response has been sent
     assert len(lines()) == 2
     first, second = lines()
-    assert first.startswith("POST /v1/sql 200 ") and first.endswith("ms")
+    assert first.startswith("POST /v1/sql 200 ") and first.endswith("ms client=anonymous")
     assert second.startswith("GET /nope 404 ")
 
 

@@ -4,6 +4,17 @@ per-call record (method, command, verified client certificate) that ends in the 
 pyarrow gives a middleware only the method and the headers, and the handler only `context.peer()`;
 so the middleware authenticates and times the call, and the handler stamps the command and the
 client identity onto the same record (`CallRecord.of(context)`).
+
+Access log: one "Flight call" line per call on `runtime::flight` when it completes (a DoGet once
+its last batch is written), at INFO when the access log is on (`--access-log`, or
+`runtime.access_log: true`), else at DEBUG:
+
+    INFO runtime::flight: Flight call method=do_get command=statement_query peer=ipv4:127.0.0.1:50312
+         duration_ms=12.4 status=OK client_subject="CN=client" client_fingerprint=1f2e…
+
+`status` is the gRPC code the call ended with; a call without a verified client certificate has
+`client=anonymous`. Calls refused for their API key are logged too (`status=UNAUTHENTICATED`,
+`client=unknown`: the handler, which looks the certificate up, never ran).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import time
 import uuid
 from typing import Callable, Mapping, Sequence
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..auth import ApiKeys, bearer_token
@@ -91,10 +103,46 @@ class ActiveCalls:
         return self._count
 
 
+# The gRPC code pyarrow sends for an exception a handler or stream ended with (most specific first).
+_STATUS: tuple[tuple[type[BaseException], str], ...] = (
+    (flight.FlightCancelledError, "CANCELLED"),
+    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
+    (flight.FlightInternalError, "INTERNAL"),
+    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
+    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
+    (flight.FlightUnavailableError, "UNAVAILABLE"),
+    (flight.FlightError, "UNKNOWN"),
+    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
+    (pa.ArrowNotImplementedError, "UNIMPLEMENTED"),
+    (pa.ArrowKeyError, "NOT_FOUND"),
+)
+
+
+def grpc_status(exception: BaseException | None) -> str:
+    if exception is None:
+        return "OK"
+    return next((code for cls, code in _STATUS if isinstance(exception, cls)), "UNKNOWN")
+
+
+def _log_call(level: int, method: str, command: str | None, peer: str | None, elapsed_ms: float,
+              exception: BaseException | None, identity: ClientIdentity | None, nobody: str = "anonymous") -> None:
+    if not log.isEnabledFor(level):
+        return
+    fields = {"method": method, "command": command or "-", "peer": peer or "-",
+              "duration_ms": f"{elapsed_ms:.1f}", "status": grpc_status(exception)}
+    if identity is not None:
+        fields["client_subject"] = f'"{identity.subject}"'
+        fields["client_fingerprint"] = identity.fingerprint[:16]
+    else:
+        fields["client"] = nobody
+    log.log(level, "Flight call", extra={"fields": fields})
+
+
 class CallRecord(flight.ServerMiddleware):
     """One Flight call. `command` and `identity` are filled by the handler once it knows them."""
 
-    def __init__(self, method: str, metrics: Metrics, active: ActiveCalls, token: str | None = None) -> None:
+    def __init__(self, method: str, metrics: Metrics, active: ActiveCalls, token: str | None = None,
+                 log_level: int = logging.DEBUG) -> None:
         self.method = method
         self.command: str | None = None
         self.identity: ClientIdentity | None = None
@@ -103,6 +151,7 @@ class CallRecord(flight.ServerMiddleware):
         self._metrics = metrics
         self._token = token
         self._active = active
+        self._log_level = log_level
         active.add(1)
 
     @staticmethod
@@ -121,33 +170,34 @@ class CallRecord(flight.ServerMiddleware):
             labels["command"] = self.command
         self._metrics.flight_requests.add(1, labels)
         self._metrics.flight_duration.record(elapsed_ms, labels)
-        if log.isEnabledFor(logging.DEBUG):
-            fields = {"method": self.method, "command": self.command or "-", "peer": self.peer or "-",
-                      "duration_ms": f"{elapsed_ms:.1f}", "ok": exception is None}
-            if self.identity is not None:
-                fields["client_subject"] = f'"{self.identity.subject}"'
-                fields["client_fingerprint"] = self.identity.fingerprint[:16]
-            log.debug("Flight call", extra={"fields": fields})
+        _log_call(self._log_level, self.method, self.command, self.peer, elapsed_ms, exception, self.identity)
 
 
 class CallMiddlewareFactory(flight.ServerMiddlewareFactory):
-    """Authenticates every call (when API keys are configured) and opens its CallRecord."""
+    """Authenticates every call (when API keys are configured) and opens its CallRecord;
+    `access_log` puts the per-call line at INFO instead of DEBUG."""
 
-    def __init__(self, api_keys: ApiKeys, metrics: Metrics) -> None:
+    def __init__(self, api_keys: ApiKeys, metrics: Metrics, access_log: bool = False) -> None:
         self._keys = api_keys
         self._metrics = metrics
+        self._log_level = logging.INFO if access_log else logging.DEBUG
         self.active = ActiveCalls()
 
     def start_call(self, info: flight.CallInfo, headers: Mapping[str, Sequence[str | bytes]]) -> CallRecord:
+        started = time.perf_counter()
         method = _METHODS.get(info.method, "unknown")
         authorization = _first(headers, "authorization")
-        if info.method == flight.FlightMethod.HANDSHAKE:
-            token = self._handshake_token(authorization)
-            _handshake_tokens[threading.get_ident()] = token
-            return CallRecord(method, self._metrics, self.active, token)
-        if self._keys.enabled and not self._keys.accepts(bearer_token(authorization)):
-            raise flight.FlightUnauthenticatedError("Unauthenticated: invalid or missing API key")
-        return CallRecord(method, self._metrics, self.active)
+        try:
+            if info.method == flight.FlightMethod.HANDSHAKE:
+                token = self._handshake_token(authorization)
+                _handshake_tokens[threading.get_ident()] = token
+                return CallRecord(method, self._metrics, self.active, token, self._log_level)
+            if self._keys.enabled and not self._keys.accepts(bearer_token(authorization)):
+                raise flight.FlightUnauthenticatedError("Unauthenticated: invalid or missing API key")
+        except flight.FlightUnauthenticatedError as e:
+            _log_call(self._log_level, method, None, None, (time.perf_counter() - started) * 1000, e, None, "unknown")
+            raise
+        return CallRecord(method, self._metrics, self.active, log_level=self._log_level)
 
     def _handshake_token(self, authorization: str | None) -> str:
         if not self._keys.enabled:

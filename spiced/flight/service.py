@@ -2,59 +2,57 @@
 to an engine call and back to a streamed Arrow answer, with the error codes and metrics of upstream.
 
 Authentication and the per-call record are in `peers`, Flight SQL decoding and metadata in `sql`,
-and the error-carrying batch streams in `stream`. TLS is terminated in front of this server.
+running one query for DoGet (tracking, failure codes) in `results`, and the error-carrying batch
+streams in `stream`. TLS is terminated in front of this server.
 
 Error codes. pyarrow appends the handler's Python traceback to the status message of any exception
-other than its Flight error classes, and those classes cover only UNKNOWN, INTERNAL, UNAUTHENTICATED,
-PERMISSION_DENIED, UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED. A DoGet stream, though, can fail
-with any code and a clean message (`stream.failing_reader`). So:
+other than its Flight error classes (verified: raising pa.ArrowInvalid in get_flight_info reaches
+the client as `<msg>. Detail: Python exception: Traceback ...`), and those classes cover only
+UNKNOWN, INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED,
+each with the status detail appended (`<msg>. Detail: Failed` for FlightServerError's UNKNOWN,
+`. Detail: Cancelled` for CANCELLED). A DoGet stream, though, can fail with INVALID_ARGUMENT or
+UNIMPLEMENTED and a clean message (`stream.failing_reader`). So:
 - SQL the client got wrong (planning errors, undecodable SQL or handle) is reported by DoGet:
-  GetFlightInfo answers such a query with an empty schema and the usual ticket, and DoGet fails
-  with INVALID_ARGUMENT and the bare DataFusion message for Flight SQL commands, and with INTERNAL
-  `Failed to execute query: <full error>` for raw SQL tickets (what upstream's DoGet sends; its
-  raw-SQL GetFlightInfo does not plan at all). Errors mid-stream are INVALID_ARGUMENT.
+  GetFlightInfo answers such a query with an empty schema and a ticket whose DoGet fails with
+  INVALID_ARGUMENT and the bare DataFusion message. For a Flight SQL command that ticket is the
+  command itself. For raw SQL it is a Flight SQL `TicketStatementQuery` whose statement handle is
+  the SQL (the query still runs as protocol `flight`); SQL that plans keeps upstream's ticket, the
+  SQL bytes. A raw SQL ticket sent straight to DoGet gets upstream's INTERNAL `Failed to execute
+  query: <full error>`. Errors mid-stream are INVALID_ARGUMENT; see `results` for every case.
 - Other refusals of unary calls that upstream sends as INVALID_ARGUMENT / UNIMPLEMENTED / NOT_FOUND
   (unknown command or action, ListFlights, bad SQL in CreatePreparedStatement, a parameter batch
-  DoPut refuses) go out as UNKNOWN (`FlightServerError`) with the same clean message (see `_Refusal`):
-  DoPut, like the unary calls, has no other way to a clean message.
+  DoPut refuses) go out as UNKNOWN (`FlightServerError`) with the same message and pyarrow's
+  `. Detail: Failed` (see `_Refusal`): the unary calls and DoPut have no path to a clean
+  INVALID_ARGUMENT or UNIMPLEMENTED, and these paths are left so.
 - Prepared statements (`prepared`) are stateless: the handle carries the SQL, and after DoPut the
   bound parameter row too; the values are bound when GetFlightInfo, GetSchema and DoGet plan.
 - GetSchema is the exception: pyarrow 26 has no Flight-error path there at all, so it sends the
   exact code and pyarrow's traceback comes with it.
-- INTERNAL, DEADLINE_EXCEEDED and UNAUTHENTICATED are exact everywhere, but for a query that
-  times out after its first batches were sent: the C stream cannot carry DEADLINE_EXCEEDED, so
-  that stream ends with UNKNOWN and the same clean `Query timed out after <t>s`.
+- INTERNAL, DEADLINE_EXCEEDED, CANCELLED and UNAUTHENTICATED are exact everywhere, but for a query
+  that times out or is cancelled after its first batches were sent: the C stream cannot carry
+  those codes, so that stream ends with UNKNOWN and the same clean text (`results`).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
-from ..engine import Params, coalesce, plain_schema
-from ..errors import QueryError
+from ..engine import Params, plain_schema
+from ..errors import CLIENT_ERROR_KINDS, QueryError
+from ..identity import ClientIdentity
 from ..state import RuntimeState
 from . import flight_sql_pb2 as pb
 from . import prepared, sql
 from . import stream as streams
 from .peers import MIDDLEWARE_KEY, CallMiddlewareFactory, CallRecord, HandshakeAuth, IdentityLookup, no_identity
+from .results import bare, stream_query
 
 NOT_IMPLEMENTED = "Not yet implemented"
 RefusalCode = Literal["invalid_argument", "unimplemented", "not_found"]
-# DataFusion error kinds that are the client's fault (upstream: plan, execution, schema, parser).
-_CLIENT_ERRORS = ("Error during planning: ", "Execution error: ", "Schema error: ", "SQL error: ",
-                  "This feature is not implemented: ")
-_BARE = ("Error during planning: ", "Execution error: ", "External error: ")
-
-
-def _bare(message: str) -> str:
-    for prefix in _BARE:
-        message = message.removeprefix(prefix)
-    return message
 
 
 class _Refusal(flight.FlightServerError):
@@ -79,12 +77,10 @@ _EXACT: dict[RefusalCode, type[Exception]] = {
 
 
 def _planning_error(e: QueryError) -> flight.FlightError:
-    text = str(e)
-    if e.kind == "timeout":
-        return flight.FlightTimedOutError(text)
-    if e.kind == "internal" or not text.startswith(_CLIENT_ERRORS):
-        return flight.FlightInternalError(text)
-    return _Refusal(_bare(text))
+    """A unary call's planning failure: the client's mistakes are refusals, the rest INTERNAL."""
+    if e.kind in CLIENT_ERROR_KINDS:
+        return _Refusal(bare(str(e)))
+    return flight.FlightInternalError(str(e))
 
 
 def _decode_sql(data: bytes, what: str) -> str:
@@ -108,36 +104,6 @@ def _decode_handle(handle: bytes) -> prepared.Bound:
         raise _Refusal(str(e)) from None
 
 
-class _QueryMetrics:
-    """query_* instruments for one query; `finish` records once, whichever way the query ends."""
-
-    def __init__(self, state: RuntimeState, protocol: str) -> None:
-        self._m = state.metrics
-        self._labels = {"protocol": protocol}
-        self._started = time.perf_counter()
-        self._executing: float | None = None
-        self._done = False
-        self._m.query_active.add(1, self._labels)
-
-    def executing(self) -> None:
-        self._executing = time.perf_counter()
-
-    def finish(self, rows: int, err_code: str | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        now = time.perf_counter()
-        self._m.query_active.add(-1, self._labels)
-        self._m.query_executions.add(1, self._labels)
-        if err_code is not None:
-            self._m.query_failures.add(1, {**self._labels, "err_code": err_code})
-        self._m.query_duration.record((now - self._started) * 1000, self._labels)
-        if self._executing is not None:
-            self._m.query_execution_duration.record((now - self._executing) * 1000, self._labels)
-        if rows:
-            self._m.query_returned_rows.add(rows)
-
-
 class SpiceFlightServer(flight.FlightServerBase):
     """Flight and Flight SQL over the runtime's engine.
 
@@ -150,7 +116,7 @@ class SpiceFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, state: RuntimeState, identities: IdentityLookup = no_identity) -> None:
         self.state = state
         self._identities = identities
-        calls = CallMiddlewareFactory(state.api_keys, state.metrics)
+        calls = CallMiddlewareFactory(state.api_keys, state.metrics, state.config.access_log)
         self._active = calls.active
         super().__init__(location, auth_handler=HandshakeAuth(), middleware={MIDDLEWARE_KEY: calls})
 
@@ -161,8 +127,9 @@ class SpiceFlightServer(flight.FlightServerBase):
 
     # ------------------------------------------------------------ per call
 
-    def _begin(self, context: flight.ServerCallContext, command: str | None = None) -> CallRecord | None:
-        """Stamp the command and the client identity onto this call's record; count TLS requests."""
+    def _begin(self, context: flight.ServerCallContext, command: str | None = None) -> ClientIdentity | None:
+        """Stamp the command and the client identity onto this call's record; count TLS requests.
+        Returns the verified client identity, if any."""
         record = CallRecord.of(context)
         identity = self._identities(context.peer())
         if self.state.tls is not None:
@@ -172,7 +139,7 @@ class SpiceFlightServer(flight.FlightServerBase):
             record.command = command
             record.identity = identity
             record.peer = context.peer()
-        return record
+        return identity
 
     def _refuse_undecodable(self, context: flight.ServerCallContext, command: sql.Command) -> None:
         """Unary calls: a command type we do not serve, or one whose payload does not decode."""
@@ -192,63 +159,16 @@ class SpiceFlightServer(flight.FlightServerBase):
             raise _planning_error(e) from None
 
     def _query_info(self, descriptor: flight.FlightDescriptor, sql_text: str | None, ticket: bytes,
-                    params: Params | None = None) -> flight.FlightInfo:
+                    params: Params | None = None, refused_ticket: bytes | None = None) -> flight.FlightInfo:
         """Plan only. The client's own mistakes (including SQL that is not UTF-8, None here) are left
-        for DoGet to report (module docstring)."""
+        for DoGet to report, at `refused_ticket` when given (module docstring)."""
         schema = pa.schema([])
         if sql_text is not None:
             try:
                 schema = self._plan_schema(sql_text, params)
             except _Refusal:
-                pass
+                ticket = refused_ticket or ticket
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
-
-    def _stream_query(self, sql_text: str, protocol: Literal["flight", "flightsql"],
-                      params: Params | None = None) -> flight.RecordBatchStream:
-        query = _QueryMetrics(self.state, protocol)
-        try:
-            result = self.state.engine.execute(sql_text, self.state.config.query_timeout, params)
-        except QueryError as e:
-            query.finish(0, "QueryPlanningError")
-            error = _planning_error(e)
-            if protocol == "flightsql" and isinstance(error, _Refusal):
-                return flight.RecordBatchStream(streams.failing_reader("invalid_argument", error.message))
-            raise flight.FlightInternalError(f"Failed to execute query: {e}") from None
-        query.executing()
-        pending = coalesce(result)
-        head: list[pa.RecordBatch] = []
-        try:
-            # Small results (the latency-sensitive case) are sent as a plain table: the C stream
-            # below costs close to a millisecond per call and is only needed for mid-stream errors.
-            for _ in range(2):
-                batch = next(pending, None)
-                if batch is None:
-                    query.finish(result.rows, None)
-                    return flight.RecordBatchStream(pa.Table.from_batches(head, result.schema))
-                head.append(batch)
-        except QueryError as e:
-            if e.kind == "timeout":
-                query.finish(result.rows, "QueryTimeout")
-                raise flight.FlightTimedOutError(str(e)) from None
-            query.finish(result.rows, "QueryExecutionError")
-            return flight.RecordBatchStream(streams.failing_reader("invalid_argument", _bare(str(e)), result.schema))
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            outcome = "Cancelled"  # the client went away before the end
-            try:
-                yield from head
-                yield from pending
-                outcome = "ok"
-            except QueryError as e:
-                if e.kind == "timeout":
-                    outcome = "QueryTimeout"
-                    raise streams.StreamError("unknown", str(e)) from None
-                outcome = "QueryExecutionError"
-                raise streams.StreamError("invalid_argument", _bare(str(e))) from None
-            finally:
-                query.finish(result.rows, None if outcome == "ok" else outcome)
-
-        return flight.RecordBatchStream(streams.reader(result.schema, batches()))
 
     # ------------------------------------------------------------ RPCs
 
@@ -259,7 +179,8 @@ class SpiceFlightServer(flight.FlightServerBase):
         command = sql.parse_command(descriptor.command)
         if isinstance(command, sql.RawSql):
             self._begin(context)
-            return self._query_info(descriptor, _utf8_or_none(command.data), command.data)
+            refused = sql.pack(pb.TicketStatementQuery(statement_handle=command.data))
+            return self._query_info(descriptor, _utf8_or_none(command.data), command.data, refused_ticket=refused)
         self._refuse_undecodable(context, command)
         self._begin(context, sql.command_label(command))
         ticket = sql.pack(command)  # stateless: the ticket is the command itself
@@ -309,29 +230,32 @@ class SpiceFlightServer(flight.FlightServerBase):
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         command = sql.parse_command(ticket.ticket)
-        if isinstance(command, sql.RawSql):
-            self._begin(context)
+        if isinstance(command, (sql.RawSql, pb.TicketStatementQuery)):
+            # Raw SQL, or the ticket raw-SQL GetFlightInfo gives SQL that does not plan (module docstring).
+            identity = self._begin(context)
+            raw = isinstance(command, sql.RawSql)
+            data = command.data if isinstance(command, sql.RawSql) else command.statement_handle
             try:
-                text = command.data.decode("utf-8")
+                text = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", f"Invalid ticket: {e}"))
-            return self._stream_query(text, "flight")
+            return stream_query(self.state, text, "flight", identity, raw=raw)
         if isinstance(command, sql.UnknownCommand):
             self._begin(context)
             return flight.RecordBatchStream(streams.failing_reader("unimplemented", NOT_IMPLEMENTED))
         if isinstance(command, sql.CorruptCommand):
             self._begin(context)
             return flight.RecordBatchStream(streams.failing_reader("invalid_argument", command.message))
-        self._begin(context, sql.command_label(command))
+        identity = self._begin(context, sql.command_label(command))
         if isinstance(command, pb.CommandStatementQuery):
-            return self._stream_query(command.query, "flightsql")
+            return stream_query(self.state, command.query, "flightsql", identity)
         if isinstance(command, pb.CommandPreparedStatementQuery):
             try:
                 bound = prepared.decode_handle(command.prepared_statement_handle)
             except prepared.PreparedError as e:
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", str(e)))
             text, values = bound.query()
-            return self._stream_query(text, "flightsql", values)
+            return stream_query(self.state, text, "flightsql", identity, values)
         if sql.is_metadata(command):
             try:
                 return flight.RecordBatchStream(sql.metadata_table(self.state.engine, command))

@@ -2,8 +2,10 @@
 (`create_metrics_app`).
 
 Request path through the API: BodyDrain (keep-alive safety) → RequestObserver (metrics, access
-log) → ClientCertGate → ApiKeyGate → route. Unknown paths answer 404 and known paths with the
-wrong method 405 with an `Allow` header, both with an empty body.
+log) → ClientCertGate → ApiKeyGate → route. `/v1/sql` is in spiced/http/sql.py, the active-query
+routes (`/v1/sql/active`, `/v1/sql/{query_id}/cancel`) in spiced/http/queries.py, the rest in
+spiced/http/routes.py. Unknown paths answer 404 and known paths with the wrong method 405 with an
+`Allow` header, both with an empty body.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..state import RuntimeState
-from . import routes
+from . import queries, routes
 from .drain import BodyDrain
 from .gates import ApiKeyGate, ClientCertGate
 from .observe import RequestObserver
@@ -43,6 +45,8 @@ def create_app(state: RuntimeState) -> Starlette:
             Route("/v1/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/v1/sql", sql_endpoint, methods=["POST"]),
+            Route("/v1/sql/active", queries.active, methods=["GET"]),
+            Route("/v1/sql/{query_id}/cancel", queries.cancel, methods=["POST"]),
             Route("/v1/datasets", routes.datasets, methods=["GET"]),
             Route("/v1/datasets/{name}/acceleration/refresh", routes.refresh, methods=["POST"]),
             Route("/v1/status", routes.status, methods=["GET"]),

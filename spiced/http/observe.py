@@ -1,8 +1,17 @@
-"""Per-request metrics (`http_requests`, `http_requests_duration_ms`) and the DEBUG access log.
+"""Per-request metrics (`http_requests`, `http_requests_duration_ms`) and the access log.
 
 Outermost middleware, so requests the gates refuse are counted and logged too. The `path`
 label is the route template (`/v1/datasets/{name}/acceleration/refresh`), never the raw path,
 so label cardinality stays bounded; requests that match no route are labelled `unmatched`.
+
+Access log: one line per request on `runtime::http`, written once the response has gone out —
+at INFO when the access log is on (`--access-log`, or `runtime.access_log: true` in the
+spicepod), else at DEBUG (`-v`):
+
+    INFO runtime::http: POST /v1/sql 200 1.84ms client_subject="CN=client" client_fingerprint=1f2e…
+    INFO runtime::http: GET /v1/sql/active 200 0.41ms client=anonymous
+
+The raw path is logged (never the query string or any header, so no API key).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ class RequestObserver:
     def __init__(self, app: ASGIApp, state: RuntimeState) -> None:
         self.app = app
         self.metrics = state.metrics
+        self.level = logging.INFO if state.config.access_log else logging.DEBUG
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +59,7 @@ class RequestObserver:
             labels = {"method": scope["method"], "path": route_template(scope), "status": str(status)}
             self.metrics.http_requests.add(1, labels)
             self.metrics.http_duration.record(elapsed_ms, labels)
-            if log.isEnabledFor(logging.DEBUG):
+            if log.isEnabledFor(self.level):
                 identity = client_identity(scope)
-                log.debug("%s %s %d %.2fms%s", scope["method"], scope["path"], status, elapsed_ms,
-                          f" {identity.log_fields()}" if identity is not None else "")
+                log.log(self.level, "%s %s %d %.2fms %s", scope["method"], scope["path"], status, elapsed_ms,
+                        identity.log_fields() if identity is not None else "client=anonymous")

@@ -34,6 +34,12 @@ _DATASET = {"from": {"type": "string"}, "name": {"type": "string"}, "replication
             "acceleration_enabled": {"type": "boolean"},
             "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]},
             "error": {"type": "string"}}
+_ACTIVE_QUERY = {"query_id": {"type": "string", "format": "uuid"},
+                 "protocol": {"type": "string", "enum": ["http", "flight", "flightsql"]},
+                 "sql_preview": {"type": "string", "description": "The SQL, cut at 1000 characters (then `…`)"},
+                 "started_at_ms": {"type": "integer", "description": "Unix milliseconds"}}
+_ERROR = {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}
 _ENDPOINT = {"name": {"type": "string", "enum": ["http", "flight", "metrics"]}, "endpoint": {"type": "string"},
              "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing"]}}
 
@@ -71,7 +77,26 @@ OPENAPI: dict[str, Any] = {
                         "content": _TEXT},
                 "401": _UNAUTHORIZED,
                 "413": {"description": "Body over 2 MiB", "content": _TEXT},
+                "499": {"description": "`Query <id> was cancelled` (POST /v1/sql/{query_id}/cancel)", "content": _TEXT},
+                "503": {"description": "`Failed to execute query: Resources exhausted: …`", "content": _TEXT},
                 "504": {"description": "Query timed out (when runtime.query.timeout is set)", "content": _TEXT}}}},
+        "/v1/sql/active": {"get": {
+            "summary": "The synchronous queries running now (HTTP, Flight, Flight SQL), newest first",
+            "responses": {"200": {"description": "Active queries", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["queries", "total_count"], "properties": {
+                    "queries": _list_of(_ACTIVE_QUERY, ["query_id", "protocol", "sql_preview", "started_at_ms"]),
+                    "total_count": {"type": "integer", "minimum": 0}}}}}},
+                "401": _UNAUTHORIZED}}},
+        "/v1/sql/{query_id}/cancel": {"post": {
+            "summary": "Cancel a running query (it ends within about a second; its client gets 499 or gRPC CANCELLED)",
+            "parameters": [{"name": "query_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The query was told to stop", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["query_id", "status"], "properties": {
+                    "query_id": {"type": "string", "format": "uuid"}, "status": {"type": "string", "enum": ["cancelled"]}}}}}},
+                "400": {"description": "`Invalid query_id (expected UUID): <parse error>`", "content": _ERROR},
+                "401": _UNAUTHORIZED,
+                "404": {"description": "`Active SQL query '<id>' not found`", "content": _ERROR},
+                "413": {"description": "Body over 2 MiB", "content": _TEXT}}}},
         "/v1/datasets": {"get": {
             "summary": "Datasets of the spicepod",
             "parameters": [_FORMAT,

@@ -3,17 +3,23 @@
 The body is the SQL text, or under `Content-Type: application/json` the object
 `{"sql": "...", "parameters": [...] | {...}}` (spiced/http/params.py).
 
-The first batch is pulled before any header is sent, so a query that fails at once is a 400,
-not a broken 200. After that, each batch is fetched and encoded in a worker thread and sent as
-it comes; an error then can only cut the stream short (the client sees an incomplete body and
-the error is logged), never turn into a status code. Formats that are sent whole
-(`COLLECTED`: the vnd.spiceai envelope) pull every batch before the header instead.
+The first batch is pulled before any header is sent, so a query that fails at once gets a status
+(below), not a broken 200. After that, each batch is fetched and encoded in a worker thread and
+sent as it comes; an error then can only cut the stream short (the client sees an incomplete body),
+never turn into a status code. Formats that are sent whole (`COLLECTED`: the vnd.spiceai envelope)
+pull every batch before the header instead.
+
+Statuses by the failure's kind (spiced.errors), as upstream: 504 `Failed to execute query: Query
+timed out after <t>s`; 499 `Query <id> was cancelled` (POST /v1/sql/{id}/cancel, spiced.queries);
+503 for `Resources exhausted`; 400 `Failed to execute query: <DataFusion error>` for every other
+engine error; 500 when the results cannot be encoded. Every query is tracked (active list, metrics,
+one WARN line when it fails) by spiced.tracker; a client that leaves before the end counts as
+`err_code=Cancelled`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
@@ -24,7 +30,9 @@ from starlette.types import Send
 
 from ..engine import Params, coalesce
 from ..errors import QueryError
+from ..identity import ClientIdentity
 from ..state import RuntimeState
+from ..tracker import QueryTracker, disconnected
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
 from .encode import (
     COLLECTED,
@@ -35,11 +43,11 @@ from .encode import (
     encoder_for,
     negotiate,
 )
+from .gates import client_identity
 from .params import RequestError, is_json_body, parse_sql_request
 
 log = logging.getLogger("runtime.http")
 
-PROTOCOL = {"protocol": "http"}
 SMALL_RESULT_ROWS = 8191  # below DataFusion's batch size: a short first batch usually is the last
 
 
@@ -48,30 +56,26 @@ class StreamAborted(Exception):
 
 
 class QueryRun:
-    """One query from planning to its last batch, with its metrics. Its steps are blocking calls
-    into DataFusion and the encoders; the caller runs each in a worker thread, one at a time."""
+    """One query from planning to its last batch. Its steps are blocking calls into DataFusion and
+    the encoders; the caller runs each in a worker thread, one at a time."""
 
-    def __init__(self, state: RuntimeState, sql: str, media_type: MediaType, params: Params | None = None) -> None:
+    def __init__(self, state: RuntimeState, sql: str, media_type: MediaType, params: Params | None = None,
+                 identity: ClientIdentity | None = None) -> None:
+        self.tracker = QueryTracker(state, "http", sql, identity)
         self.state = state
         self.sql = sql
         self.params = params
         self.media_type = media_type
-        self.timeout = state.config.query_timeout
-        self.started = time.perf_counter()
-        self.engine_seconds = 0.0
         self.rows = 0
         self._batches: Iterator[pa.RecordBatch] | None = None
         self._encoder: Encoder | None = None
         self.done = False
-        self._finished = False
-        state.metrics.query_executions.add(1, PROTOCOL)
-        state.metrics.query_active.add(1, PROTOCOL)
 
     def start(self) -> Chunks:
         """Plan, execute and encode the first batch (QueryError on failure)."""
-        began = time.perf_counter()
-        stream = self.state.engine.execute(self.sql, self.timeout, self.params)
-        self.engine_seconds += time.perf_counter() - began
+        stream = self.state.engine.execute(self.sql, self.state.config.query_timeout, self.params,
+                                           self.tracker.stopper)
+        self.tracker.executing()
         self._batches = coalesce(iter(stream))
         self._encoder = encoder_for(self.media_type, stream.schema)
         chunks = [*self._encoder.begin(), *self.step()]
@@ -85,20 +89,14 @@ class QueryRun:
         """What goes out with the header: the first batch, or every batch for a collected format
         (one worker-thread hop per batch, so a client that leaves is noticed between them)."""
         chunks = [*await self.off_loop(self.start)]
-        try:
-            while not self.done and self.media_type in COLLECTED:
-                chunks += await self.off_loop(self.step)
-        except anyio.get_cancelled_exc_class():
-            self.finish()  # the client went away: as when a stream is cut (see `chunks`)
-            raise
+        while not self.done and self.media_type in COLLECTED:
+            chunks += await self.off_loop(self.step)
         return chunks
 
     def step(self) -> Chunks:
         """The next batch's bytes; after the last batch, the encoder's closing bytes and `done`."""
         assert self._batches is not None and self._encoder is not None
-        began = time.perf_counter()
         batch = next(self._batches, None)
-        self.engine_seconds += time.perf_counter() - began
         if batch is None:
             self.done = True
             return self._encoder.end()
@@ -106,22 +104,13 @@ class QueryRun:
         return self._encoder.batch(batch)
 
     def finish(self, error: QueryError | None = None) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        m = self.state.metrics
-        m.query_active.add(-1, PROTOCOL)
-        m.query_duration.record((time.perf_counter() - self.started) * 1000, PROTOCOL)
-        m.query_execution_duration.record(self.engine_seconds * 1000, PROTOCOL)
-        if error is not None:
-            m.query_failures.add(1, {**PROTOCOL, "err_code": error.kind})
-        else:
-            m.query_returned_rows.add(self.rows)
+        """Once the query is over: as asked, or a client gone if it ended before its last batch."""
+        self.tracker.finish(self.rows, error if error is not None or self.done else disconnected())
 
     async def off_loop(self, step: Callable[[], Chunks]) -> Chunks:
         """Run one step in a worker thread. Cancellation (the client went away) waits for the step
         to finish, so the stream is never used by two threads; the engine bounds each step by the
-        query's time limit."""
+        query's time limit and stops it on a cancel."""
         return await anyio.to_thread.run_sync(step)
 
     async def chunks(self, first: Chunks) -> AsyncIterator[bytes | memoryview]:
@@ -132,7 +121,6 @@ class QueryRun:
                 for chunk in await self.off_loop(self.step):
                     yield chunk
         except QueryError as e:
-            log.warning("%s; response cut short" if e.kind == "timeout" else "Error processing batch: %s", e)
             self.finish(e)
             raise StreamAborted(str(e)) from None
         except Exception as e:  # an encoder bug must not leave a half-sent body looking complete
@@ -189,17 +177,28 @@ async def sql_endpoint(request: Request) -> Response:
         sql, params = read_query(body, request.headers.get("content-type"))
     except RequestError as e:
         return bad_request(str(e))
-    run = QueryRun(state, sql, negotiate(request.headers.get("accept")), params)
+    run = QueryRun(state, sql, negotiate(request.headers.get("accept")), params, client_identity(request.scope))
     try:
         first = await run.first_chunks()
     except QueryError as e:
         run.finish(e)
-        return PlainTextResponse(f"Failed to execute query: {e}", status_code=504 if e.kind == "timeout" else 400)
+        return failed(e)
     except Exception as e:
         log.exception("Failed to encode query results")
         run.finish(QueryError(str(e), kind="internal"))
         return PlainTextResponse("Failed to encode query results", status_code=500)
+    except BaseException:  # cancelled: the client went away
+        run.finish()
+        raise
     if run.done:
         run.finish()
         return Response(b"".join(first), headers={"content-type": CONTENT_TYPES[run.media_type]})
     return QueryResponse(run, first)
+
+
+def failed(e: QueryError) -> Response:
+    """The status and text for a query that failed before its header went out (module docstring)."""
+    if e.kind == "cancelled":
+        return PlainTextResponse(str(e), status_code=499)
+    status = {"timeout": 504, "resources_exhausted": 503}.get(e.kind, 400)
+    return PlainTextResponse(f"Failed to execute query: {e}", status_code=status)
