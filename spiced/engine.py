@@ -98,7 +98,7 @@ class DatasetState:
 # per batch by `QueryStream`.
 Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
 
-_PLAIN_ARROW_TYPES = {
+PLAIN_ARROW_TYPES = {
     "datafusion.execution.parquet.schema_force_view_types": "false",
     "datafusion.sql_parser.map_string_types_to_utf8view": "false",
 }
@@ -134,7 +134,7 @@ class Engine:
                   .with_default_catalog_and_schema("spice", "public")
                   .with_create_default_catalog_and_schema(True)
                   .with_information_schema(True))
-        for key, value in _PLAIN_ARROW_TYPES.items():
+        for key, value in PLAIN_ARROW_TYPES.items():
             config = config.set(key, value)
         self.ctx = SessionContext(config)
         self.spicepod = spicepod
