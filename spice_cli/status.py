@@ -114,8 +114,22 @@ def _text(value: Any) -> str:
 
 def status_table(s: HttpSettings) -> str:
     entries = get_json(s, "/v1/status")
-    return plain_table(["name", "endpoint", "status"],
-                       [[_text(e.get(k)) for k in ("name", "endpoint", "status")] for e in entries])
+    table = plain_table(["name", "endpoint", "status"],
+                        [[_text(e.get(k)) for k in ("name", "endpoint", "status")] for e in entries])
+    tls = next((e["tls"] for e in entries if isinstance(e, dict) and isinstance(e.get("tls"), dict)), None)
+    return table if tls is None else table.rstrip("\n") + "\n\n" + certificates_table(tls)
+
+
+CERTIFICATE_COLUMNS = ("kind", "subject", "issuer", "serial", "not_after", "sha256", "source")
+
+
+def certificates_table(tls: dict[str, Any]) -> str:
+    """The certificate every TLS listener serves and the client CAs it trusts (spiced's `tls` field)."""
+    rows = [("server", tls.get("certificate"))] + [("client CA", ca) for ca in tls.get("client_ca") or []]
+    return plain_table(list(CERTIFICATE_COLUMNS), [
+        [kind, *(_text(c.get(k)) for k in ("subject", "issuer", "serial", "not_after")),
+         _text(c.get("sha256_fingerprint", ""))[:16], _text(c.get("source"))]
+        for kind, c in rows if isinstance(c, dict)])
 
 
 def datasets_table(s: HttpSettings) -> str:

@@ -17,7 +17,14 @@ from typing import Literal, Mapping, Sequence
 from . import __version__
 from .errors import ConfigError, TlsConfigError
 from .secrets import SecretResolver, SecretStoreSpec
-from .spicepod import DatasetSpec, SpicepodSpec, TlsSpec, find_spicepod, read_spicepod, validate_spicepod
+from .spicepod import (
+    DatasetSpec,
+    SpicepodSpec,
+    TlsSpec,
+    find_spicepod,
+    read_spicepod,
+    validate_spicepod,
+)
 
 ClientAuthMode = Literal["none", "request", "required"]
 MaterialOrigin = Literal["cli_file", "cli_inline", "spicepod_file", "spicepod_inline"]
@@ -42,12 +49,17 @@ class MaterialSource:
         return "inline PEM (spicepod / CLI)"
 
 
+DEFAULT_EXPIRY_WARNING_DAYS = 30
+
+
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     certificate: MaterialSource
     key: MaterialSource
     client_auth_mode: ClientAuthMode = "none"
     client_ca: MaterialSource | None = None
+    expiry_warning_days: int = DEFAULT_EXPIRY_WARNING_DAYS  # ours: WARN while a certificate expires within this
+    watch: Literal["notify", "poll"] = "notify"  # ours: "poll" turns filesystem notifications off
 
     @property
     def reloadable(self) -> bool:
@@ -306,7 +318,8 @@ def tls_settings(args: argparse.Namespace, spec: TlsSpec | None, secrets: Secret
             "the client CA from hot-reloading with the cert and key. Switch to tls.client_auth_ca_file so the entire "
             "bundle rotates together, or move cert/key to inline form."
         )
-    return TlsSettings(cert, key, mode, ca)
+    return TlsSettings(cert, key, mode, ca, DEFAULT_EXPIRY_WARNING_DAYS if s.expiry_warning_days is None
+                       else s.expiry_warning_days, s.watch or "notify")
 
 
 def _api_keys(spec: SpicepodSpec, secrets: SecretResolver) -> tuple[str, ...]:

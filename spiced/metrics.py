@@ -8,9 +8,11 @@ as a counter; `runtime_tls_reload_total` is exactly upstream's name either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,7 +34,7 @@ class Metrics:
         reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=self.registry)
         ms_view = View(instrument_name="*_ms", aggregation=ExplicitBucketHistogramAggregation(MS_BUCKETS))
         self.provider = MeterProvider(metric_readers=[reader], views=[ms_view])
-        m = self.provider.get_meter("spiced_runtime")
+        m = self._meter = self.provider.get_meter("spiced_runtime")
         self.tls_reload = m.create_counter(
             "runtime_tls_reload_total", description="Total TLS material reload attempts, labeled by scope and result.")
         self.http_server_started = m.create_counter("runtime_http_server_started", description="HTTP server starts.")
@@ -57,6 +59,10 @@ class Metrics:
             "client_cert_requests", description="Requests that presented a verified client certificate.")
         self.anonymous_requests = m.create_counter(
             "client_cert_absent_requests", description="Requests without a client certificate.")
+
+    def observe(self, name: str, description: str, callback: Callable[[CallbackOptions], Iterable[Observation]]) -> None:
+        """A gauge whose values `callback` reports at each collection (only the label sets it reports exist)."""
+        self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
     def exposition(self) -> Exposition:
         return Exposition(generate_latest(self.registry), CONTENT_TYPE_LATEST)

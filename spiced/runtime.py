@@ -109,10 +109,12 @@ class Runtime:
                 create_metrics_app(state), msock, tls.listener_context("metrics") if tls else None,
                 self._http_shutdown, graceful_timeout=DRAIN_SECONDS))))
             self._listening("metrics", display_address(msock), "runtime.metrics_server", "Metrics")
-        if tls is not None:
+        if tls is not None and self.config.tls is not None:
             tls.log_startup()
-            if self.config.tls is not None and self.config.tls.reloadable:
-                self._tasks.append(asyncio.create_task(tls.watch(self._stop)))
+            self._tasks.append(asyncio.create_task(tls.expiry.run(self._stop)))
+            if self.config.tls.reloadable:
+                notifications = self.config.tls.watch == "notify"
+                self._tasks.append(asyncio.create_task(tls.watch(self._stop, notifications=notifications)))
         if state.api_keys.enabled and state.client_auth_mode == "required":
             log.info("mTLS-as-channel mode active: client cert AND `runtime.auth` credentials are both required")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -32,6 +32,9 @@ class TlsSpec(_Strict):
     client_auth_mode: Optional[Literal["none", "request", "required"]] = None
     client_auth_ca_file: Optional[str] = None
     client_auth_ca: Optional[str] = None
+    # ours, beyond upstream: the expiry warning threshold, and "poll" to turn off filesystem notifications
+    expiry_warning_days: Optional[NonNegativeInt] = None
+    watch: Optional[Literal["notify", "poll"]] = None
 
 
 class ApiKeySpec(_Strict):

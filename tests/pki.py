@@ -74,7 +74,7 @@ def make_ca(directory: Path, name: str) -> Authority:
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spiced tests")])
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(days=1)).not_valid_after(_now() + dt.timedelta(days=30))
+            .not_valid_before(_now() - dt.timedelta(days=1)).not_valid_after(_now() + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
@@ -87,14 +87,14 @@ def make_ca(directory: Path, name: str) -> Authority:
 
 
 def issue(ca: Authority, directory: Path, name: str, *, server: bool, subject: x509.Name | None = None,
-          expired: bool = False, usage: list[x509.ObjectIdentifier] | None = None) -> Issued:
+          expired: bool = False, usage: list[x509.ObjectIdentifier] | None = None, days: float = 365) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = subject or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spiced tests")])
     if expired:
         start, end = _now() - dt.timedelta(days=10), _now() - dt.timedelta(days=1)
     else:
-        start, end = _now() - dt.timedelta(hours=1), _now() + dt.timedelta(days=30)
+        start, end = _now() - dt.timedelta(hours=1), _now() + dt.timedelta(days=days)
     serial = x509.random_serial_number()
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.certificate.subject)
                .public_key(key.public_key()).serial_number(serial).not_valid_before(start).not_valid_after(end)
@@ -141,6 +141,6 @@ class Pki:
             issue(client_ca, directory, "server-usage-client", server=False, usage=[ExtendedKeyUsageOID.SERVER_AUTH]),
         )
 
-    def issue_server(self, name: str) -> Issued:
+    def issue_server(self, name: str, *, days: float = 365, expired: bool = False) -> Issued:
         """Another server leaf from the same CA, for rotations (distinct serial)."""
-        return issue(self.ca, self.directory, name, server=True, subject=SERVER_SUBJECT)
+        return issue(self.ca, self.directory, name, server=True, subject=SERVER_SUBJECT, days=days, expired=expired)

@@ -28,6 +28,9 @@ from typing import Iterator, Sequence
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LISTEN = re.compile(r"Spice Runtime (HTTP|Flight|Metrics) listening on (\S+)")
 SPICED = [sys.executable, "-m", "spiced"]
+_SPICE_SCRIPT = Path(sys.executable).with_name("spice")
+SPICE = [str(_SPICE_SCRIPT)] if _SPICE_SCRIPT.exists() else \
+    [sys.executable, "-c", "import sys; from spice_cli.app import main; sys.exit(main())"]
 
 BASIC_SPICEPOD = """\
 version: v1

@@ -13,7 +13,6 @@ import pty
 import re
 import select
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from spice_cli.app import app
-from tests.support import TRIPS_TABLE, Runtime, run_spiced, write_pod
+from tests.support import SPICE, TRIPS_TABLE, Runtime, run_spiced, write_pod
 
-_SCRIPT = Path(sys.executable).with_name("spice")
-SPICE = [str(_SCRIPT)] if _SCRIPT.exists() else \
-    [sys.executable, "-c", "import sys; from spice_cli.app import main; sys.exit(main())"]
 BANNER = "Welcome to the Spice.ai SQL REPL! Type 'help' for help.\n\nshow tables; -- list available tables\n"
 TIME = r"Time: \d+(\.\d{1,9})? seconds\."  # integer nanoseconds: at most 9 decimals
 HINT = ("Check if the Spice runtime is running, endpoint including port is correct, and TLS config (if used) "

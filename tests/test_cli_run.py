@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -13,11 +12,8 @@ from typing import Iterator
 import pytest
 
 from tests.pki import Pki
-from tests.support import ANSI, Runtime, write_pod
+from tests.support import ANSI, SPICE, Runtime, write_pod
 
-_SCRIPT = Path(sys.executable).with_name("spice")
-SPICE = [str(_SCRIPT)] if _SCRIPT.exists() else \
-    [sys.executable, "-c", "import sys; from spice_cli.app import main; sys.exit(main())"]
 EPHEMERAL = ["--http", "127.0.0.1:0", "--flight", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
 
 

@@ -15,7 +15,7 @@ apply to it, and `chmod 000` is a real `Permission denied (os error 13)`. (A dir
 the file is its own case; a FIFO is not used because opening one blocks.)
 
 Expired certificate (decision): it is swapped in like any certificate that parses and matches its
-key, counted `ok`, and a WARN line says it has expired. Upstream (rustls) swaps it without a word;
+key, counted `ok`, and an ERROR line says it has expired. Upstream (rustls) swaps it without a word;
 refusing it would second-guess the operator's clock and the issuer's, and would keep serving a
 certificate that is usually about to expire as well, while the WARN makes the mistake visible.
 """

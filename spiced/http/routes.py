@@ -11,13 +11,14 @@ import copy
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from ..state import RuntimeState
+from ..tls.expiry import CertificateFacts
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
 from .openapi import OPENAPI
 
@@ -151,11 +152,23 @@ async def status(request: Request) -> Response:
     csv_format = wants_csv(request)
     if isinstance(csv_format, Response):
         return csv_format
-    items = [{"name": e.name, "endpoint": e.address or "N/A", "status": e.status}
-             for e in runtime(request).endpoints.values()]
+    state = runtime(request)
+    items: list[dict[str, Any]] = [{"name": e.name, "endpoint": e.address or "N/A", "status": e.status}
+                                   for e in state.endpoints.values()]
     if csv_format:
         return csv_response(["name", "endpoint", "status"], items)
+    if state.tls is not None:  # ours, beyond upstream: what each TLS listener serves and trusts
+        tls = tls_status(state.tls.certificates())
+        for item in items:
+            if item["endpoint"] != "N/A":
+                item["tls"] = tls
     return json_response(items)
+
+
+def tls_status(certificates: Sequence[CertificateFacts]) -> dict[str, Any]:
+    served = [c.as_json() for c in certificates if c.kind == "server"]
+    return {"scope": "public", "certificate": served[0] if served else None,
+            "client_ca": [c.as_json() for c in certificates if c.kind == "client_ca"]}
 
 
 def redacted_spicepod(raw: Mapping[str, Any]) -> dict[str, Any]:

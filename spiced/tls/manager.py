@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
 import ssl
 import threading
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from ..errors import MaterialError, ReloadResult, TlsConfigError
 from ..metrics import Metrics
 from . import contexts, material
 from .contexts import PROFILES, Profile
+from .expiry import CertificateFacts, ExpiryMonitor, facts_of
 from .material import CaBundle, CertKeyPair
 from .watch import FileWatch, notify, poll
 
@@ -44,6 +44,8 @@ class TlsManager:
         self._listeners: dict[Profile, ssl.SSLContext] = {}
         self._current: Mapping[Profile, ssl.SSLContext] = self._build_all(pair, ca)
         self._subscribers: list[Subscriber] = []
+        self._certificates = self._facts(pair, ca)
+        self.expiry = ExpiryMonitor(lambda: self._certificates, metrics, settings.expiry_warning_days)
 
     # ------------------------------------------------------------------ startup
 
@@ -76,9 +78,19 @@ class TlsManager:
     def subject_line(self) -> str:
         return material.startup_line(self._pair.leaf)
 
+    def certificates(self) -> tuple[CertificateFacts, ...]:
+        """The certificate served (`server`) and the client CAs trusted (`client_ca`) right now."""
+        return self._certificates
+
+    def _facts(self, pair: CertKeyPair, ca: CaBundle | None) -> tuple[CertificateFacts, ...]:
+        s = self._settings
+        served = facts_of([pair.leaf], SCOPE, "server", s.certificate.describe())
+        trusted = facts_of(ca.certificates(), SCOPE, "client_ca", s.client_ca.describe()) \
+            if ca is not None and s.client_ca is not None else []
+        return (*served, *trusted)
+
     def log_startup(self) -> None:
         log.info("%s", self.subject_line())
-        _warn_if_expired(self._pair, self._settings.certificate.describe(), log)
         mode, ca = self._settings.client_auth_mode, self._settings.client_ca
         if mode == "none" or ca is None:
             log.debug("Public TLS client certificates: not requested (client_auth_mode=none)")
@@ -159,7 +171,9 @@ class TlsManager:
                 else:
                     self._current = built  # the publication: one assignment
                     self._pair, self._ca = pair, ca
+                    self._certificates = self._facts(pair, ca)
                     self._log_swapped(new_pair, new_ca)
+                    self.expiry.check()
                     for subscriber in self._subscribers:
                         subscriber(pair, ca)
             for result in (pair_result, ca_result):
@@ -210,7 +224,6 @@ class TlsManager:
         if pair is not None:
             reload_log.info("TLS reload: swapped server certificate", extra={"fields": {
                 "cert_path": s.certificate.path, "fingerprint": pair.fingerprint, "scope": SCOPE}})
-            _warn_if_expired(pair, f"file {s.certificate.path}", reload_log)
         if ca is not None and s.client_ca is not None:
             reload_log.info("TLS reload: swapped client CA bundle", extra={"fields": {
                 "ca_path": s.client_ca.path, "scope": SCOPE}})
@@ -241,12 +254,3 @@ def _read(source: MaterialSource, files: FileWatch | None) -> bytes:
                             "io_error")
     assert read.data is not None
     return read.data
-
-
-def _warn_if_expired(pair: CertKeyPair, source: str, logger: logging.Logger) -> None:
-    """An expired certificate that parses is still served (as upstream does; clients decide), but
-    an operator should hear about it."""
-    not_after = pair.leaf.not_valid_after_utc
-    if not_after < datetime.now(timezone.utc):
-        logger.warning("TLS certificate from %s has expired (not valid after %s); clients that verify it will refuse",
-                       source, not_after.isoformat())

@@ -73,6 +73,9 @@ class CaBundle:
     pem: str
     count: int
 
+    def certificates(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self.pem.encode("ascii"))
+
 
 def read_file(path: Path) -> bytes:
     """Read one material file; an `OSError` becomes an `io_error` with upstream's wording."""
