@@ -162,6 +162,16 @@ def test_cli_enables_tls_with_spicepod_material(tmp_path: Path) -> None:
     assert t is not None and t.reloadable
 
 
+def test_tls_watch_and_expiry_settings(tmp_path: Path) -> None:
+    files = "    certificate_file: a.crt\n    key_file: a.key\n"
+    t = tls_config(tmp_path, files)
+    assert t is not None and (t.watch, t.expiry_warning_days) == ("notify", 30)
+    t = tls_config(tmp_path, files + "    watch: poll\n    expiry_warning_days: 7\n")
+    assert t is not None and (t.watch, t.expiry_warning_days) == ("poll", 7)
+    with pytest.raises(ConfigError, match=r"watch"):
+        tls_config(tmp_path, files + "    watch: inotify\n")
+
+
 def test_tls_off_ignores_material(tmp_path: Path) -> None:
     assert tls_config(tmp_path, "    certificate_file: a.crt\n", enabled="false") is None
 
