@@ -2,10 +2,14 @@
 client: `run_sdk(job)` runs `node tests/js/sdk_client.mjs` on a JSON job and returns its one JSON line.
 
     out = run_sdk({"flightUrl": "127.0.0.1:50051", "flightTlsEnabled": True, "tlsRootCertFile": "ca.pem",
-                   "queries": ["SELECT 1 AS one"], "repeat": 3, "calls": ["sql"]})
+                   "steps": [{"call": "sql", "query": "SELECT 1 AS one"},
+                             {"call": "sql", "query": "SELECT $1 AS v", "parameters": [7]}]})
     out["results"][0]["rows"] == [{"one": 1}]
 
-The job's keys are documented at the top of tests/js/sdk_client.mjs. The packages are installed from
+The job's keys (connection options for every step; steps `sql`, `sqlHttp`, `sqlJson`, `refresh`,
+`listActive`, `cancelActive`; `repeat`) are documented at the top of tests/js/sdk_client.mjs; `steps()`
+builds the usual list. The SDK's HTTPS agent ignores tlsRootCertFile, so for an https httpUrl run_sdk
+hands the same file to Node as NODE_EXTRA_CA_CERTS. The packages are installed from
 tests/js/package-lock.json on first use (`npm ci`) when tests/js/node_modules is missing.
 """
 
@@ -16,6 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +53,17 @@ def ensure_installed(timeout: float = 300.0) -> None:
 
 def run_sdk(job: dict[str, Any], timeout: float = 60, *, check: bool = True,
             env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run the SDK on `job`; returns the parsed result line.
+    """Run the SDK on `job`; returns the parsed result line (plus `exit_code` and `stderr`).
 
     With `check` (the default) any failure raises AssertionError carrying the script's stderr; with
-    `check=False` a failed job's `{"ok": false, "error": ..., "code": ...}` is returned instead (for
-    refusals a test expects). A script that prints nothing parseable or outlives `timeout` always raises.
+    `check=False` a failed job's `{"ok": false, "error": ..., "code": ..., "details": ...}` is returned
+    instead (for refusals a test expects). A script that prints nothing parseable or outlives `timeout`
+    always raises. NODE_EXTRA_CA_CERTS is set from the job's tlsRootCertFile when its httpUrl is https
+    (`env` wins over it).
     """
     ensure_installed()
     job = {"timeoutMs": int(max(1.0, timeout - 5) * 1000), **job}
-    full_env = {**os.environ, "NODE_NO_WARNINGS": "1", **(env or {})}
+    full_env = {**os.environ, "NODE_NO_WARNINGS": "1", **_extra_ca(job), **(env or {})}
     try:
         done = subprocess.run([node(), str(SCRIPT)], input=json.dumps(job), capture_output=True, text=True,
                               timeout=timeout, cwd=JS_DIR, env=full_env, check=False)
@@ -75,6 +82,21 @@ def run_sdk(job: dict[str, Any], timeout: float = 60, *, check: bool = True,
     out["exit_code"] = done.returncode
     out["stderr"] = done.stderr
     return out
+
+
+def steps(call: str, queries: Iterable[str | tuple[str, Any]]) -> list[dict[str, Any]]:
+    """One `call` step per query; a (query, parameters) pair is a parameterized one."""
+    return [{"call": call, "query": q} if isinstance(q, str) else {"call": call, "query": q[0], "parameters": q[1]}
+            for q in queries]
+
+
+def _extra_ca(job: dict[str, Any]) -> dict[str, str]:
+    """The SDK's HTTPS agent (node-fetch with a module-wide https.Agent) ignores tlsRootCertFile:
+    Node takes a private CA only from NODE_EXTRA_CA_CERTS, read once at start."""
+    http_url, root = job.get("httpUrl"), job.get("tlsRootCertFile")
+    if isinstance(http_url, str) and http_url.startswith("https://") and root:
+        return {"NODE_EXTRA_CA_CERTS": str(root)}
+    return {}
 
 
 def _text(data: bytes | str | None) -> str:

@@ -4,7 +4,8 @@
 Long queries run in client threads; the test finds them in the active list, cancels them, and
 checks what their client sees (HTTP 499 / gRPC CANCELLED `Query <id> was cancelled`), that they
 leave the list, and that the work really stopped: the runtime process's CPU time stops growing.
-The official JavaScript SDK lists and cancels one too (tests/js/sdk_active_queries.mjs).
+The official JavaScript SDK lists and cancels one too (the listActive / cancelActive steps of
+tests/js/sdk_client.mjs).
 
 pyarrow's `read_all()` turns a CANCELLED status into a simulated SIGINT in the main thread (its
 SignalStopHandler), so Flight results are read here with `read_chunk()`.
@@ -12,8 +13,6 @@ SignalStopHandler), so Flight results are read here with `read_chunk()`.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spiced.flight import flight_sql_pb2 as pb
 from spiced.flight import sql
 from spiced.queries import PREVIEW_CHARS
-from tests.jsclient import JS_DIR, ensure_installed, node
+from tests.jsclient import ensure_installed, run_sdk
 from tests.support import Runtime, run_spiced, write_pod
 from tests.tlsprobe import wait_for
 
@@ -357,17 +356,22 @@ def test_the_javascript_sdk_lists_and_cancels_a_query(rt: Runtime) -> None:
     ensure_installed()
     sql_text = long_sql("js_sdk")
     outcome = http_query(rt, sql_text)
-    job = {"httpUrl": rt.http_url, "sqlPreview": sql_text, "unknownId": str(uuid.uuid4())}
-    done = subprocess.run([node(), str(JS_DIR / "sdk_active_queries.mjs")], input=json.dumps(job), capture_output=True,
-                          text=True, timeout=60, cwd=JS_DIR, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    listed = out["listed"]
+    unknown_id = str(uuid.uuid4())
+    # Polls listActiveQueries() for the query, cancels it, then captures the SDK's errors for an
+    # invalid and an unknown id.
+    out = run_sdk({"httpUrl": rt.http_url, "maxRetries": 0, "steps": [
+        {"call": "cancelActive", "sqlPreview": sql_text},
+        {"call": "cancelActive", "queryId": "not-a-uuid", "continueOnError": True},
+        {"call": "cancelActive", "queryId": unknown_id, "continueOnError": True},
+    ]}, timeout=60, check=False)
+    assert len(out["results"]) == 3, out.get("error") or out["stderr"]
+    found, invalid, unknown = out["results"]
+    listed = found["listed"]
     assert listed["protocol"] == "http" and listed["sql_preview"] == sql_text
-    assert out["cancelled"] == {"query_id": listed["query_id"], "status": "cancelled"}
-    assert out["invalid"] == ("Query id 'not-a-uuid' is not a valid UUID. Use the query_id from listActiveQueries().")
-    assert out["unknown"] == (f"No active query '{job['unknownId']}' found. It may have already finished, "
-                              "or it was submitted by a different client.")
+    assert found["cancelled"] == {"query_id": listed["query_id"], "status": "cancelled"}
+    assert invalid["error"] == ("Query id 'not-a-uuid' is not a valid UUID. Use the query_id from listActiveQueries().")
+    assert unknown["error"] == (f"No active query '{unknown_id}' found. It may have already finished, "
+                                "or it was submitted by a different client.")
     response = outcome.wait().value
     assert (response.status_code, response.text) == (499, f"Query {listed['query_id']} was cancelled")
     assert_stopped(rt)

@@ -9,8 +9,6 @@ Errors found when the bound statement runs are DoGet errors and keep INVALID_ARG
 
 from __future__ import annotations
 
-import json
-import subprocess
 from typing import Any, Iterator
 
 import adbc_driver_flightsql.dbapi as dbapi
@@ -21,7 +19,7 @@ import pytest
 from spiced.flight import flight_sql_pb2 as pb
 from spiced.flight import prepared, sql
 from spiced.flight.service import SpiceFlightServer
-from tests.jsclient import JS_DIR, ensure_installed, node
+from tests.jsclient import run_sdk
 from tests.test_flight import clean, make_state, serving
 
 PORTLAND = (2, "Portland", 8.25)
@@ -263,12 +261,11 @@ def test_cast_placeholders_to_the_bound_types() -> None:
 
 
 def run_sdk_params(server: SpiceFlightServer, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    ensure_installed()
-    job = {"flightUrl": f"127.0.0.1:{server.port}", "calls": calls}
-    done = subprocess.run([node(), str(JS_DIR / "sdk_flight_params.mjs")], input=json.dumps(job), capture_output=True,
-                          text=True, timeout=60, cwd=JS_DIR, check=False)
-    out: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    assert out["ok"] == (done.returncode == 0), done.stderr
+    """`sql(query, {parameters})` over plaintext Flight only (the `sql` step of tests/js/sdk_client.mjs),
+    each call on a new SpiceClient with setMaxRetries(0); the job stops at the first failure."""
+    job = {"flightUrl": f"127.0.0.1:{server.port}", "maxRetries": 0, "steps": [{"call": "sql", **c} for c in calls]}
+    out = run_sdk(job, timeout=60, check=False)
+    assert out["ok"] == (out["exit_code"] == 0), out["stderr"]
     return out
 
 
@@ -288,4 +285,4 @@ def test_js_sdk_parameterized_sql_over_flight(server: SpiceFlightServer) -> None
 def test_js_sdk_refused_parameters_keep_the_message(server: SpiceFlightServer) -> None:
     out = run_sdk_params(server, [{"query": "SELECT * FROM trips WHERE id = $id", "parameters": {"other": 2}}])
     assert not out["ok"]
-    assert out["code"] == 3 and out["error"] == "No value found for placeholder with name $id", out
+    assert out["code"] == 3 and out["details"] == "No value found for placeholder with name $id", out

@@ -5,7 +5,6 @@ and the official JavaScript SDK (`sqlJson()` and parameterised `sql()`) over HTT
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from spiced.http.params import BAD_NUMBER, NESTED, NOT_ARRAY_OR_OBJECT
-from tests.jsclient import JS_DIR, ensure_installed, node, run_sdk
+from tests.jsclient import run_sdk, steps
 from tests.support import Runtime, run_spiced, write_pod
 
 VND = "application/vnd.spiceai.sql.v1+json"
@@ -273,20 +272,20 @@ def test_envelope_wins_by_accept_ranking(http: httpx.Client) -> None:
 
 
 def sdk_http_params(http_url: str, queries: list[dict[str, Any]], timeout: float = 60) -> list[dict[str, Any]]:
-    """Run tests/js/sdk_http_params.mjs: `sql(sql, {parameters})` over HTTP only, one result per query."""
-    ensure_installed()
-    done = subprocess.run([node(), str(JS_DIR / "sdk_http_params.mjs")], input=json.dumps(
-        {"httpUrl": http_url, "queries": queries}), capture_output=True, text=True, timeout=timeout, cwd=JS_DIR,
-        check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results: list[dict[str, Any]] = json.loads(done.stdout.splitlines()[-1])["results"]
-    return results
+    """`sql(sql, {parameters})` over HTTP only (the `sqlHttp` step of tests/js/sdk_client.mjs), each on a
+    new SpiceClient with setMaxRetries(0); one result per query: {"rows": [...]} or {"error": "<message>"}."""
+    job = {"httpUrl": http_url, "maxRetries": 0,
+           "steps": [{"call": "sqlHttp", "query": q["sql"], "parameters": q["parameters"], "continueOnError": True}
+                     for q in queries]}
+    out = run_sdk(job, timeout, check=False)
+    assert len(out["results"]) == len(queries), out.get("error") or out["stderr"][-3000:]
+    return [{"rows": r["rows"]} if "rows" in r else {"error": r["error"]} for r in out["results"]]
 
 
 def test_sdk_sql_json_reads_the_envelope_over_http(rt: Runtime) -> None:
     queries = ["SELECT * FROM trips ORDER BY id", "SELECT city, count(*) AS n FROM trips GROUP BY city ORDER BY city",
                "SELECT * FROM trips WHERE id > 100"]
-    out = run_sdk({"httpUrl": rt.http_url, "calls": ["sqlJson"], "queries": queries, "maxRetries": 0})
+    out = run_sdk({"httpUrl": rt.http_url, "steps": steps("sqlJson", queries), "maxRetries": 0})
     assert [(r["rows"], r["row_count"]) for r in out["results"]] == [
         (TRIPS, 3), ([{"city": "Portland", "n": 1}, {"city": "Seattle", "n": 2}], 2), ([], 0)]
 

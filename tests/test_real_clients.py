@@ -34,7 +34,7 @@ import pytest
 
 from tests import front_health
 from tests.front_health import FrontHealth, front_process
-from tests.jsclient import run_sdk
+from tests.jsclient import run_sdk, steps
 from tests.pki import Issued, Pki
 from tests.support import BASIC_SPICEPOD, Runtime, run_spiced, write_pod
 
@@ -43,7 +43,7 @@ ROUNDS = 3
 CALL_TIMEOUT = 5.0  # seconds any one client call may take
 QUERIES: list[tuple[str, list[dict[str, Any]]]] = [
     ("SELECT 1 AS one", [{"one": 1}]),
-    ("SELECT count(*) AS n FROM trips", [{"n": 3}]),  # numeric only: the SDK's Arrow cannot read Utf8View yet
+    ("SELECT count(*) AS n FROM trips", [{"n": 3}]),
 ]
 COUNT_SQL = QUERIES[1][0]
 CERT_REQUIRED = '{"message":"Valid client TLS certificate required"}'
@@ -228,11 +228,15 @@ def pyarrow_client(rt: Runtime, pki: Pki, cert: Issued | None) -> fl.FlightClien
     return fl.FlightClient(rt.flight_uri, tls_root_certs=pki.ca.cert_pem, **kwargs)
 
 
-def sdk_job(stand: Stand, with_cert: bool, **extra: Any) -> dict[str, Any]:
+def sdk_job(stand: Stand, with_cert: bool, calls: list[str], queries: list[str] | None = None,
+            **extra: Any) -> dict[str, Any]:
+    """Every call on every query (QUERIES by default), ROUNDS times, each step on a new SpiceClient.
+    run_sdk hands tlsRootCertFile to Node as NODE_EXTRA_CA_CERTS for the SDK's HTTPS agent."""
     rt, pki = stand.runtime, stand.pki
+    queries = [q for q, _ in QUERIES] if queries is None else queries
     job: dict[str, Any] = {"flightUrl": rt.addresses["flight"], "httpUrl": rt.http_url, "flightTlsEnabled": True,
-                           "tlsRootCertFile": str(pki.ca.cert), "queries": [q for q, _ in QUERIES],
-                           "repeat": ROUNDS}
+                           "tlsRootCertFile": str(pki.ca.cert), "repeat": ROUNDS,
+                           "steps": [step for call in calls for step in steps(call, queries)]}
     if with_cert:
         job |= {"tlsClientCertFile": str(pki.client.cert), "tlsClientKeyFile": str(pki.client.key)}
     return job | extra
@@ -346,7 +350,7 @@ def test_pyarrow_flight_without_client_cert_is_refused_in_required_mode(stand: S
 def test_js_sdk_sql_over_flight_tls(stand: Stand, with_cert: bool) -> None:
     """`sql()` over Arrow Flight with tlsRootCertFile + flightTlsEnabled (and the client certificate
     options for mTLS), a new SpiceClient for each round and query."""
-    out = run_sdk(sdk_job(stand, with_cert, calls=["sql"]), timeout=30)
+    out = run_sdk(sdk_job(stand, with_cert, ["sql"]), timeout=30)
     sdk_rows(out, "sql")
     check_healthy(stand, f"{ROUNDS} rounds of the JavaScript SDK over Flight")
 
@@ -354,7 +358,7 @@ def test_js_sdk_sql_over_flight_tls(stand: Stand, with_cert: bool) -> None:
 @pytest.mark.parametrize("stand", ["required"], indirect=True)
 def test_js_sdk_sql_over_flight_without_client_cert_is_refused_in_required_mode(stand: Stand) -> None:
     for _ in range(ROUNDS):
-        out = run_sdk(sdk_job(stand, False, calls=["sql"], repeat=1, queries=["SELECT 1 AS one"], maxRetries=0),
+        out = run_sdk(sdk_job(stand, False, ["sql"], ["SELECT 1 AS one"], repeat=1, maxRetries=0),
                       timeout=15, check=False)
         assert not out["ok"], "Flight served the SDK without a client certificate in required mode"
         assert out["code"] == 14, f"expected UNAVAILABLE (14) at the handshake, got: {out['error']}"
@@ -365,15 +369,15 @@ def test_js_sdk_sql_over_flight_without_client_cert_is_refused_in_required_mode(
 @pytest.mark.parametrize("stand", MODES, indirect=True)
 def test_js_sdk_over_https(stand: Stand, call: str) -> None:
     """`sql()` (sqlHttp) and `sqlJson()` over HTTP only. The SDK's HTTPS agent ignores tlsRootCertFile
-    and has no client certificate option, so the CA comes from NODE_EXTRA_CA_CERTS and the SDK is
-    always anonymous here: served in none/request, answered 401 by /v1/sql in required."""
-    env = {"NODE_EXTRA_CA_CERTS": str(stand.pki.ca.cert)}
+    and has no client certificate option, so the CA comes from NODE_EXTRA_CA_CERTS (run_sdk sets it
+    from tlsRootCertFile) and the SDK is always anonymous here: served in none/request, answered 401
+    by /v1/sql in required."""
     if stand.mode == "required":
         for _ in range(ROUNDS):
-            out = run_sdk(sdk_job(stand, False, calls=[call], repeat=1), timeout=20, check=False, env=env)
+            out = run_sdk(sdk_job(stand, False, [call], repeat=1), timeout=20, check=False)
             assert not out["ok"] and "status 401" in out["error"] and CERT_REQUIRED in out["error"], out["error"]
     else:
-        sdk_rows(run_sdk(sdk_job(stand, False, calls=[call]), timeout=30, env=env), call)
+        sdk_rows(run_sdk(sdk_job(stand, False, [call]), timeout=30), call)
     check_healthy(stand, f"{ROUNDS} rounds of the JavaScript SDK's {call}() over HTTPS", listeners=("http",))
 
 
@@ -420,8 +424,8 @@ def keyed(keyed_stand: Stand, request: pytest.FixtureRequest, monkeypatch: pytes
 
 
 def test_js_sdk_api_key_is_sent_over_flight_and_https(keyed: Stand) -> None:
-    job = sdk_job(keyed, False, calls=["sql", "sqlHttp"], apiKey=API_KEY)
-    out = run_sdk(job, timeout=30, env={"NODE_EXTRA_CA_CERTS": str(keyed.pki.ca.cert)})
+    job = sdk_job(keyed, False, ["sql", "sqlHttp"], apiKey=API_KEY)
+    out = run_sdk(job, timeout=30)
     sdk_rows(out, "sql")
     sdk_rows(out, "sqlHttp")
     check_healthy(keyed, f"{ROUNDS} rounds of the JavaScript SDK with an API key", listeners=("http",))
@@ -429,8 +433,8 @@ def test_js_sdk_api_key_is_sent_over_flight_and_https(keyed: Stand) -> None:
 
 @pytest.mark.parametrize("call", ["sql", "sqlHttp"])
 def test_js_sdk_wrong_api_key_is_refused(keyed: Stand, call: str) -> None:
-    job = sdk_job(keyed, False, calls=[call], apiKey="wrong", repeat=1, maxRetries=0)
-    out = run_sdk(job, timeout=20, check=False, env={"NODE_EXTRA_CA_CERTS": str(keyed.pki.ca.cert)})
+    job = sdk_job(keyed, False, [call], apiKey="wrong", repeat=1, maxRetries=0)
+    out = run_sdk(job, timeout=20, check=False)
     assert not out["ok"]
     if call == "sql":
         assert out["code"] == 16, f"expected UNAUTHENTICATED (16), got: {out['error']}"
