@@ -5,7 +5,8 @@ Request path through the API: BodyDrain (keep-alive safety) → RequestObserver 
 log) → ClientCertGate → ApiKeyGate → route. `/v1/sql` is in spiced/http/sql.py, the active-query
 routes (`/v1/sql/active`, `/v1/sql/{query_id}/cancel`) in spiced/http/queries.py, the rest in
 spiced/http/routes.py. Unknown paths answer 404 and known paths with the wrong method 405 with an
-`Allow` header, both with an empty body.
+`Allow` header, both with an empty body. Upstream endpoints this runtime does not serve yet (NSQL,
+search, the async query API, which the official SDKs call) answer 404 with a JSON body saying so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ from .drain import BodyDrain
 from .gates import ApiKeyGate, ClientCertGate
 from .observe import RequestObserver
 from .sql import sql_endpoint
+
+NOT_SERVED_ROUTE = "not_served"
+NOT_SERVED = {  # upstream endpoint → what it needs; answered 404 {"message": ...} (the SDKs show it)
+    "/v1/nsql": "natural-language queries need models",
+    "/v1/search": "search needs embeddings",
+    "/v1/queries": "the async query API is cluster mode's",
+}
+
+
+def _not_served(path: str, why: str) -> Route:
+    async def answer(request: Request) -> Response:
+        return routes.json_response(
+            {"message": f"{request.method} {request.url.path} is not available in this runtime: {why}"}, 404)
+
+    return Route(path, answer, methods=["GET", "POST"], name=NOT_SERVED_ROUTE)  # left out of the OpenAPI doc
 
 
 async def _empty_error(request: Request, exc: Exception) -> Response:
@@ -52,6 +68,8 @@ def create_app(state: RuntimeState) -> Starlette:
             Route("/v1/status", routes.status, methods=["GET"]),
             Route("/v1/spicepods", routes.spicepods, methods=["GET"]),
             Route("/v1/openapi.json", routes.openapi, methods=["GET"]),
+            *(_not_served(path, why) for path, why in NOT_SERVED.items()),
+            _not_served("/v1/queries/{rest:path}", NOT_SERVED["/v1/queries"]),
         ],
         [Middleware(RequestObserver, state=state), Middleware(ClientCertGate, state=state),
          Middleware(ApiKeyGate, state=state)],
