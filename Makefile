@@ -5,18 +5,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JS_STAMP := tests/js/node_modules/.installed
 
-.PHONY: install run test bench soak clean proto
+.PHONY: install run test check bench soak clean proto
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,check]'
 	touch $(STAMP)
 
 run: install
 	$(BIN)/spiced
+
+# Lint and types (configured in pyproject.toml).
+check: install
+	$(BIN)/ruff check spiced spice_cli tests bench scripts
+	$(BIN)/python -m mypy
 
 # The JavaScript SDK the tests use as a client (tests/js), reinstalled when its lockfile changes.
 $(JS_STAMP): tests/js/package-lock.json

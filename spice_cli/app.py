@@ -7,9 +7,10 @@ Typer's own (exit 2), printed plainly rather than in Rich boxes so that they sta
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -40,13 +41,13 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-RootCert = Annotated[Optional[Path], typer.Option("--tls-root-certificate-file", metavar="CA.PEM",
+RootCert = Annotated[Path | None, typer.Option("--tls-root-certificate-file", metavar="CA.PEM",
                                                   help="Trust this CA; the default endpoint switches to TLS.")]
-ClientCert = Annotated[Optional[Path], typer.Option("--client-tls-certificate-file", metavar="CERT.PEM",
+ClientCert = Annotated[Path | None, typer.Option("--client-tls-certificate-file", metavar="CERT.PEM",
                                                     help="Client certificate for mTLS (needs the key).")]
-ClientKey = Annotated[Optional[Path], typer.Option("--client-tls-key-file", metavar="KEY.PEM",
+ClientKey = Annotated[Path | None, typer.Option("--client-tls-key-file", metavar="KEY.PEM",
                                                    help="Client private key for mTLS (needs the certificate).")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", help="API key for the runtime.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", help="API key for the runtime.")]
 
 
 def _client_pair(cert: Path | None, key: Path | None) -> None:
@@ -67,7 +68,7 @@ def _root(ctx: typer.Context,
 
 @app.command()
 def run(ctx: typer.Context,
-        args: Annotated[Optional[list[str]], typer.Argument(metavar="[-- SPICED FLAGS]",
+        args: Annotated[list[str] | None, typer.Argument(metavar="[-- SPICED FLAGS]",
                                                             help="Passed to spiced unchanged.")] = None) -> None:
     """Start the Spice runtime (spiced) of this installation; arguments after `--` go to it unchanged."""
     from spice_cli import run as runner
@@ -77,20 +78,20 @@ def run(ctx: typer.Context,
 
 
 @app.command()
-def sql(endpoint: Annotated[Optional[str], typer.Option(
+def sql(endpoint: Annotated[str | None, typer.Option(
             "--endpoint", "--flight-endpoint", metavar="URL",
             help="grpc://, grpc+tls://, http:// or https:// (default http://localhost:50051).")] = None,
         tls_root_certificate_file: RootCert = None,
         client_tls_certificate_file: ClientCert = None,
         client_tls_key_file: ClientKey = None,
         api_key: ApiKey = None,
-        cache_control: Annotated[Optional[Literal["cache", "no-cache"]], typer.Option(
+        cache_control: Annotated[Literal["cache", "no-cache"] | None, typer.Option(
             "--cache-control",
             help="no-cache asks the runtime to bypass its results cache.")] = None,
-        user_agent: Annotated[Optional[str], typer.Option("--user-agent", help="User-Agent to send.")] = None,
-        headers: Annotated[Optional[list[str]], typer.Option("--headers", metavar="KEY:VALUE",
+        user_agent: Annotated[str | None, typer.Option("--user-agent", help="User-Agent to send.")] = None,
+        headers: Annotated[list[str] | None, typer.Option("--headers", metavar="KEY:VALUE",
                                                              help="Extra request metadata (repeatable).")] = None,
-        query: Annotated[Optional[str], typer.Option("--query", help="Run one statement and exit.")] = None,
+        query: Annotated[str | None, typer.Option("--query", help="Run one statement and exit.")] = None,
         ) -> None:
     """Start an interactive SQL REPL (Arrow Flight SQL); reads statements from stdin when piped."""
     from spice_cli import flight_client, repl
@@ -120,7 +121,7 @@ def _http(http_endpoint: str | None, root: Path | None, cert: Path | None, key: 
     return HttpSettings(http_endpoint, root, cert, key, api_key)
 
 
-HttpEndpoint = Annotated[Optional[str], typer.Option(
+HttpEndpoint = Annotated[str | None, typer.Option(
     "--http-endpoint", metavar="URL", help="Runtime HTTP API (default http://127.0.0.1:8090, https with a root CA).")]
 
 
@@ -159,7 +160,7 @@ def version() -> None:
 
 
 @app.command()
-def init(name: Annotated[Optional[str], typer.Argument(help="Spicepod name; creates ./NAME/spicepod.yaml.")] = None
+def init(name: Annotated[str | None, typer.Argument(help="Spicepod name; creates ./NAME/spicepod.yaml.")] = None
          ) -> None:
     """Write a minimal spicepod.yaml."""
     from spice_cli import init as initializer
@@ -170,7 +171,7 @@ def init(name: Annotated[Optional[str], typer.Argument(help="Spicepod name; crea
 
 
 TlsDir = Annotated[Path, typer.Option("--dir", metavar="DIR", help="Directory holding ca.crt and ca.key.")]
-Days = Annotated[Optional[int], typer.Option("--days", help="Validity in days.")]
+Days = Annotated[int | None, typer.Option("--days", help="Validity in days.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace existing files.")]
 
 
@@ -186,7 +187,7 @@ def tls_init(directory: TlsDir = Path("."), days: Days = None, force: Force = Fa
 
 @tls_app.command("add")
 def tls_add(name: Annotated[str, typer.Argument(help="File name stem: NAME.crt and NAME.key.")],
-            host: Annotated[Optional[list[str]], typer.Option(
+            host: Annotated[list[str] | None, typer.Option(
                 "--host", help="DNS name or IP for the SAN (repeatable; servers "
                                "default to localhost and 127.0.0.1, clients to NAME).")] = None,
             client: Annotated[bool, typer.Option("--client", help="Issue a client certificate (clientAuth).")] = False,

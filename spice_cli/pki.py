@@ -12,9 +12,9 @@ import datetime as dt
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -78,7 +78,7 @@ def init_ca(directory: Path, *, days: int = CA_DAYS, force: bool = False) -> Iss
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Spice dev CA"),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spice tls")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=_days(days)))
@@ -128,7 +128,7 @@ def add(directory: Path, name: str, *, hosts: Sequence[str] = (), client: bool =
         # Client leaves carry their name as a SAN too: strict verifiers (RFC 5280 profiles) require one.
         hosts = ([name] if _HOSTNAME.fullmatch(name) else []) if client else list(DEFAULT_HOSTS)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

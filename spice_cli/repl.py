@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import IO
 
 from spice_cli import CliError
 from spice_cli.flight_client import ConnectionFailed, FlightSettings, QueryFailed, SqlClient

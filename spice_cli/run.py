@@ -9,8 +9,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from types import FrameType
-from typing import Sequence
 
 from spice_cli import CliError
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 from . import __version__
 from .errors import ConfigError, TlsConfigError

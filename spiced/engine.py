@@ -10,8 +10,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 import pyarrow as pa
 from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQLOptions
@@ -311,7 +312,7 @@ class Engine:
         return plain_schema(self.plan(sql, params).schema())
 
     def execute(self, sql: str, timeout: float | None = None, params: Params | None = None,
-                stopper: Stopper | None = None) -> "QueryStream":
+                stopper: Stopper | None = None) -> QueryStream:
         """Plan and start executing; errors raised before the first batch are QueryErrors.
 
         With a `timeout` (seconds from now), a batch not ready by then ends the query with a
@@ -505,7 +506,7 @@ class QueryStream:
             return self._stopper.wait(waiting)
         except StopAsyncIteration:
             raise StopIteration from None
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             error = deadline.error()
         except Stopped as e:
             error = e.error

@@ -15,7 +15,7 @@ class ClientIdentity:
     der: bytes
 
     @classmethod
-    def from_der(cls, der: bytes) -> "ClientIdentity":
+    def from_der(cls, der: bytes) -> ClientIdentity:
         from cryptography import x509
 
         cert = x509.load_der_x509_certificate(der)

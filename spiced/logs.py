@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -25,7 +26,7 @@ _NAMES = {TRACE: "TRACE", logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.
 
 class SpiceFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ts = datetime.fromtimestamp(record.created, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         level = _NAMES.get(record.levelno, record.levelname)
         line = f"{ts} {level:>5} {record.name.replace('.', '::')}: {record.getMessage()}"
         fields: Mapping[str, Any] | None = getattr(record, "fields", None)

@@ -16,9 +16,10 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
 from .auth import ApiKeys
 from .config import RuntimeConfig

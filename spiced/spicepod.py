@@ -7,7 +7,7 @@ unknown keys; unknown top-level keys are ignored, as upstream.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
@@ -25,16 +25,16 @@ class _Loose(BaseModel):
 
 class TlsSpec(_Strict):
     enabled: bool
-    certificate_file: Optional[str] = None
-    key_file: Optional[str] = None
-    certificate: Optional[str] = None
-    key: Optional[str] = None
-    client_auth_mode: Optional[Literal["none", "request", "required"]] = None
-    client_auth_ca_file: Optional[str] = None
-    client_auth_ca: Optional[str] = None
+    certificate_file: str | None = None
+    key_file: str | None = None
+    certificate: str | None = None
+    key: str | None = None
+    client_auth_mode: Literal["none", "request", "required"] | None = None
+    client_auth_ca_file: str | None = None
+    client_auth_ca: str | None = None
     # ours, beyond upstream: the expiry warning threshold, and "poll" to turn off filesystem notifications
-    expiry_warning_days: Optional[NonNegativeInt] = None
-    watch: Optional[Literal["notify", "poll"]] = None
+    expiry_warning_days: NonNegativeInt | None = None
+    watch: Literal["notify", "poll"] | None = None
 
 
 class ApiKeySpec(_Strict):
@@ -43,26 +43,26 @@ class ApiKeySpec(_Strict):
 
 
 class AuthSpec(_Strict):
-    api_key: Optional[ApiKeySpec] = Field(default=None, alias="api-key")
+    api_key: ApiKeySpec | None = Field(default=None, alias="api-key")
 
 
 class QuerySpec(_Loose):
-    timeout: Optional[str] = None
+    timeout: str | None = None
 
 
 class TaskHistorySpec(_Strict):
     enabled: bool = True
-    captured_output: Optional[str] = None
-    retention_period: Optional[str] = None
-    retention_check_interval: Optional[str] = None
+    captured_output: str | None = None
+    retention_period: str | None = None
+    retention_check_interval: str | None = None
 
 
 class RuntimeSpec(_Loose):
-    tls: Optional[TlsSpec] = None
-    auth: Optional[AuthSpec] = None
-    query: Optional[QuerySpec] = None
-    task_history: Optional[TaskHistorySpec] = None
-    access_log: Optional[bool] = None  # ours: one INFO line per HTTP request and Flight call (--access-log)
+    tls: TlsSpec | None = None
+    auth: AuthSpec | None = None
+    query: QuerySpec | None = None
+    task_history: TaskHistorySpec | None = None
+    access_log: bool | None = None  # ours: one INFO line per HTTP request and Flight call (--access-log)
 
 
 class SecretSpec(_Strict):
@@ -76,14 +76,14 @@ class AccelerationSpec(_Strict):
     engine: str = "arrow"
     mode: Literal["memory"] = "memory"
     refresh_mode: Literal["full", "append"] = "full"
-    refresh_check_interval: Optional[str] = None
-    refresh_sql: Optional[str] = None
-    refresh_data_window: Optional[str] = None
+    refresh_check_interval: str | None = None
+    refresh_sql: str | None = None
+    refresh_data_window: str | None = None
     on_zero_results: Literal["return_empty", "use_source"] = "return_empty"
     params: dict[str, Any] = Field(default_factory=dict)
-    indexes: Optional[dict[str, Any]] = None
-    primary_key: Optional[str] = None
-    on_conflict: Optional[dict[str, Any]] = None
+    indexes: dict[str, Any] | None = None
+    primary_key: str | None = None
+    on_conflict: dict[str, Any] | None = None
 
     @field_validator("engine")
     @classmethod
@@ -102,20 +102,20 @@ Scalar = Union[str, bool, int, float, None]
 class DatasetSpec(_Strict):
     from_: str = Field(alias="from")
     name: str
-    description: Optional[str] = None
+    description: str | None = None
     params: dict[str, Scalar] = Field(default_factory=dict)
-    acceleration: Optional[AccelerationSpec] = None
-    metadata: Optional[dict[str, Any]] = None
-    dependsOn: Optional[list[str]] = None
-    time_column: Optional[str] = None
-    time_format: Optional[str] = None
+    acceleration: AccelerationSpec | None = None
+    metadata: dict[str, Any] | None = None
+    dependsOn: list[str] | None = None
+    time_column: str | None = None
+    time_format: str | None = None
 
 
 class ViewSpec(_Strict):
     name: str
-    sql: Optional[str] = None
-    sql_ref: Optional[str] = None
-    description: Optional[str] = None
+    sql: str | None = None
+    sql_ref: str | None = None
+    description: str | None = None
 
 
 class SpicepodSpec(_Loose):

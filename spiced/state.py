@@ -30,7 +30,7 @@ class RuntimeState:
     engine: Engine
     metrics: Metrics
     api_keys: ApiKeys
-    tls: "TlsManager | None" = None
+    tls: TlsManager | None = None
     queries: ActiveQueries = field(default_factory=ActiveQueries)  # synchronous queries running now
     endpoints: dict[str, Endpoint] = field(default_factory=lambda: {
         n: Endpoint(n) for n in ("http", "flight", "metrics")  # type: ignore[arg-type]

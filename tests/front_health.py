@@ -70,7 +70,7 @@ class FrontHealth:
     client_cert: bool = False
 
     @classmethod
-    def of(cls, rt: Runtime, pki: Pki, *, client_cert: bool = False) -> "FrontHealth":
+    def of(cls, rt: Runtime, pki: Pki, *, client_cert: bool = False) -> FrontHealth:
         """The baseline, taken after one served call so that every lazy allocation is done."""
         served(rt, pki, client_cert=client_cert)
         proc = front_process(rt)

@@ -30,7 +30,7 @@ SERVER_SUBJECT_LINE = "CN=spiced.localhost, OU=IT, O=Widgets, Inc., L=Seattle, S
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class Pki:
     server_usage_client: Issued  # signed by client_ca but its EKU is serverAuth only
 
     @classmethod
-    def create(cls, directory: Path) -> "Pki":
+    def create(cls, directory: Path) -> Pki:
         directory.mkdir(parents=True, exist_ok=True)
         ca = make_ca(directory, "ca")
         client_ca = make_ca(directory, "client-ca")

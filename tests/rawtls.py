@@ -129,7 +129,7 @@ class RawTls:
                     continue  # the read reports the end
             except ConnectionResetError:
                 return b""
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"no data from the server within {timeout}s") from None
 
     def recv_until(self, wanted: bytes, timeout: float = 5.0) -> bytes:
@@ -178,7 +178,7 @@ def wait_closed(sock: socket.socket, timeout: float) -> bytes:
             chunk = sock.recv(65536)
         except (ConnectionResetError, BrokenPipeError):
             return got
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not chunk:
             return got

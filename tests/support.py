@@ -20,10 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LISTEN = re.compile(r"Spice Runtime (HTTP|Flight|Metrics) listening on (\S+)")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import socket
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import h2.config
 import h2.connection

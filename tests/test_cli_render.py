@@ -43,7 +43,7 @@ def test_value_formats() -> None:
     table = pa.table({
         "b": [True, None],
         "ts": pa.array([dt.datetime(2024, 1, 1, 0, 0, 0, 123000), dt.datetime(2024, 1, 2)], pa.timestamp("ns")),
-        "tz": pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("us", tz="UTC")),
+        "tz": pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.UTC)] * 2, pa.timestamp("us", tz="UTC")),
         "d": [dt.date(2024, 3, 4), None],
         "dec": [Decimal("12.50"), Decimal("-1.00")],
         "bin": [b"\x01\xff", None],

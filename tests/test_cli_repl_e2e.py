@@ -14,9 +14,9 @@ import re
 import select
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from typer.testing import CliRunner

@@ -3,7 +3,7 @@ SpiceFlightServer on an ephemeral port."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import adbc_driver_flightsql.dbapi as dbapi
 import adbc_driver_manager

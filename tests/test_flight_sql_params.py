@@ -9,7 +9,8 @@ Errors found when the bound statement runs are DoGet errors and keep INVALID_ARG
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import adbc_driver_flightsql.dbapi as dbapi
 import pyarrow as pa

@@ -32,7 +32,7 @@ class _Answer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        ssl_protocol: Any = getattr(transport, "_ssl_protocol")
+        ssl_protocol: Any = transport._ssl_protocol
         tcp = ssl_protocol._transport
         transport.write(b"x" * ANSWER)
         transport.close()

@@ -5,8 +5,8 @@ the metrics listener, Flight DoGet}, with curl and pyarrow Flight as the clients
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.flight as flight
 import pytest

@@ -21,9 +21,10 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import adbc_driver_flightsql
 import adbc_driver_flightsql.dbapi as flightsql

@@ -9,7 +9,7 @@ import re
 import ssl
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -37,7 +37,7 @@ runtime:
 """
 
 
-def start(tmp_path: Path, pki: Pki, leaf: Issued, extra: str = "") -> "contextlib.AbstractContextManager[Runtime]":
+def start(tmp_path: Path, pki: Pki, leaf: Issued, extra: str = "") -> contextlib.AbstractContextManager[Runtime]:
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     cert.write_bytes(leaf.cert_pem)
     key.write_bytes(leaf.key_pem)
@@ -143,7 +143,7 @@ def test_warnings_repeat_once_a_day_and_an_expiry_is_logged_once(caplog: pytest.
     soon = pki.issue_server("soon", days=3)
     facts = [CertificateFacts.of(soon.certificate, "public", "server", "inline")]
     monitor = ExpiryMonitor(lambda: facts, Metrics(), warning_days=30)
-    day = datetime.now(timezone.utc)
+    day = datetime.now(UTC)
     with caplog.at_level(logging.WARNING, logger="runtime.tls"):
         for hours in (0, 1, 5):  # the hourly checks of one day
             monitor.check(day + timedelta(hours=hours))

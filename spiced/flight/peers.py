@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -155,7 +155,7 @@ class CallRecord(flight.ServerMiddleware):
         active.add(1)
 
     @staticmethod
-    def of(context: flight.ServerCallContext) -> "CallRecord | None":
+    def of(context: flight.ServerCallContext) -> CallRecord | None:
         record = context.get_middleware(MIDDLEWARE_KEY)
         return record if isinstance(record, CallRecord) else None
 

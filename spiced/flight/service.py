@@ -35,7 +35,8 @@ UNIMPLEMENTED and a clean message (`stream.failing_reader`). So:
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.flight as flight

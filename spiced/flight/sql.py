@@ -198,7 +198,7 @@ def like(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.DOTALL)
 
 
-def _rows(engine: "Engine", sql: str) -> list[dict[str, object]]:
+def _rows(engine: Engine, sql: str) -> list[dict[str, object]]:
     return engine.plan(sql).to_arrow_table().to_pylist()  # type: ignore[no-any-return]
 
 
@@ -206,7 +206,7 @@ def _quote(*parts: str) -> str:
     return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
 
 
-def _schemas(engine: "Engine") -> list[tuple[str, str]]:
+def _schemas(engine: Engine) -> list[tuple[str, str]]:
     # `schemata` omits information_schema; tables list it, so take the union.
     pairs = {(str(r["catalog_name"]), str(r["schema_name"]))
              for r in _rows(engine, "SELECT catalog_name, schema_name FROM information_schema.schemata")}
@@ -215,12 +215,12 @@ def _schemas(engine: "Engine") -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
-def catalogs(engine: "Engine") -> pa.Table:
+def catalogs(engine: Engine) -> pa.Table:
     names = sorted({c for c, _ in _schemas(engine)})
     return pa.Table.from_pydict({"catalog_name": names}, schema=CATALOGS_SCHEMA)
 
 
-def db_schemas(engine: "Engine", cmd: pb.CommandGetDbSchemas) -> pa.Table:
+def db_schemas(engine: Engine, cmd: pb.CommandGetDbSchemas) -> pa.Table:
     pattern = like(cmd.db_schema_filter_pattern) if cmd.HasField("db_schema_filter_pattern") else None
     rows = [(c, s) for c, s in _schemas(engine)
             if (not cmd.HasField("catalog") or c == cmd.catalog) and (pattern is None or pattern.fullmatch(s))]
@@ -228,7 +228,7 @@ def db_schemas(engine: "Engine", cmd: pb.CommandGetDbSchemas) -> pa.Table:
                                 schema=DB_SCHEMAS_SCHEMA)
 
 
-def tables(engine: "Engine", cmd: pb.CommandGetTables) -> pa.Table:
+def tables(engine: Engine, cmd: pb.CommandGetTables) -> pa.Table:
     schema_pattern = like(cmd.db_schema_filter_pattern) if cmd.HasField("db_schema_filter_pattern") else None
     table_pattern = like(cmd.table_name_filter_pattern) if cmd.HasField("table_name_filter_pattern") else None
     types = set(cmd.table_types)
@@ -358,7 +358,7 @@ def sql_info(requested: list[int] | None = None) -> pa.Table:
     return pa.Table.from_arrays([pa.array(codes, pa.uint32()), union], schema=SQL_INFO_SCHEMA)
 
 
-def metadata_table(engine: "Engine", message: Message) -> pa.Table:
+def metadata_table(engine: Engine, message: Message) -> pa.Table:
     if isinstance(message, pb.CommandGetCatalogs):
         return catalogs(engine)
     if isinstance(message, pb.CommandGetDbSchemas):

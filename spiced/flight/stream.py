@@ -16,8 +16,9 @@ import errno
 import itertools
 import logging
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import pyarrow as pa
 

@@ -22,8 +22,8 @@ against (pinned in pyproject.toml): an upgrade fails at startup, not mid-connect
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import fcntl
+import importlib.metadata
 import logging
 import socket
 import ssl

@@ -19,7 +19,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from cryptography import x509
@@ -96,7 +96,7 @@ class ExpiryMonitor:
 
     def check(self, now: datetime | None = None) -> None:
         """Log what needs saying now: each expired certificate once, each one close to expiry once a day."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         for f in self._certificates():
             if f.not_after <= now:
                 if f.fingerprint not in self._expired:

@@ -13,8 +13,7 @@ import asyncio
 import logging
 import ssl
 import threading
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 from ..config import ClientAuthMode, MaterialSource, TlsSettings
 from ..errors import MaterialError, ReloadResult, TlsConfigError
