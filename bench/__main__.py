@@ -103,14 +103,17 @@ def query_rows(rt_http: str, rt_flight: str, parquet: Path, ctx: SessionContext)
         t_table = median_time(lambda: ctx.sql(MILLION).to_arrow_table(), repeat=3)
 
         def http_arrow() -> None:
-            r = http.post(rt_http + "/v1/sql", content=MILLION, headers={"Accept": "application/vnd.apache.arrow.stream"})
+            r = http.post(rt_http + "/v1/sql", content=MILLION,
+                          headers={"Accept": "application/vnd.apache.arrow.stream"})
             r.raise_for_status()
             ipc.open_stream(r.content).read_all()
 
         t_arrow_http = median_time(http_arrow, repeat=3)
         t_arrow_flight = median_time(lambda: client.do_get(flight.Ticket(MILLION.encode())).read_all(), repeat=3)
-        rows += [Row("1M rows as Arrow over HTTP vs in-process to_arrow_table (s)", t_arrow_http, t_table, "s", "report"),
-                 Row("1M rows as Arrow over Flight vs in-process to_arrow_table (s)", t_arrow_flight, t_table, "s", "report")]
+        rows += [Row("1M rows as Arrow over HTTP vs in-process to_arrow_table (s)", t_arrow_http, t_table, "s",
+                     "report"),
+                 Row("1M rows as Arrow over Flight vs in-process to_arrow_table (s)", t_arrow_flight, t_table, "s",
+                     "report")]
     client.close()
     return rows
 
@@ -147,7 +150,8 @@ def _doget_rate(client: flight.FlightClient, seconds: float = WINDOW_SECONDS) ->
     return received / (time.perf_counter() - t0) / 1e6
 
 
-def _small_calls_ms(tls: flight.FlightClient, plain: flight.FlightClient, calls: int = 400) -> tuple[float, float, float]:
+def _small_calls_ms(tls: flight.FlightClient, plain: flight.FlightClient,
+                    calls: int = 400) -> tuple[float, float, float]:
     """Medians of a 1-row DoGet over TLS and in plaintext, and the median of their paired
     differences: the calls alternate, so both see the same moment of a noisy machine."""
     def one(client: flight.FlightClient) -> float:
@@ -172,7 +176,7 @@ def _windows(clients: dict[str, flight.FlightClient], names: tuple[str, ...]) ->
 
 
 def _throughput_row(label: str, ours: list[float], native: list[float]) -> Row:
-    spread = sorted(o / b for o, b in zip(ours, native))
+    spread = sorted(o / b for o, b in zip(ours, native, strict=True))
     return Row(label, statistics.median(ours), statistics.median(native), "MB/s",
                f">= 0.9x; per-window ratios {spread[0]:.2f}-{spread[-1]:.2f}", higher_is_better=True)
 
@@ -188,7 +192,8 @@ def flight_tls_rows(ours_tls: str, ours_plain: str, ours_pid: int, pki: Pki, par
     cores shared with the client the placement of that third process alone moved our rate by 15-20%
     (measured); with a core of its own for each side, the comparison is of the TLS paths."""
     roots = pki.ca.cert_pem
-    bare = subprocess.Popen([sys.executable, "-m", "bench.bare_flight", str(parquet), str(pki.server.cert), str(pki.server.key)],
+    bare = subprocess.Popen([sys.executable, "-m", "bench.bare_flight", str(parquet), str(pki.server.cert),
+                             str(pki.server.key)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert bare.stdout is not None

@@ -159,7 +159,8 @@ def start_loads(spec: PhaseSpec, rt: Runtime, pki: Pki, stack: ExitStack, mtls: 
     if spec.flight:
         target = FlightTarget(rt.flight_uri.replace("127.0.0.1", "localhost"), pki.ca.cert_pem,
                               pki.client.cert_pem if mtls else None, pki.client.key_pem if mtls else None)
-        loads.append(FlightLoad("flight DoGet streams", target, FLIGHT_SQL, spec.rows, spec.rows * (spec.rows - 1) // 2))
+        loads.append(FlightLoad("flight DoGet streams", target, FLIGHT_SQL, spec.rows,
+                                spec.rows * (spec.rows - 1) // 2))
     for i, load in enumerate(loads):
         try:
             load.start()

@@ -59,7 +59,9 @@ class PhaseReport:
         return sum(r.failed for r in self.loads)
 
     def print(self, out: object = sys.stdout) -> None:
-        p = lambda *a: print(*a, file=out)
+        def p(*a: object) -> None:
+            print(*a, file=out)
+
         p(f"\n== {self.spec.title}  ({self.seconds:.0f} s)")
         p(f"  {'load':44} {'sent':>8} {'failed':>7}  detail")
         for r in self.loads:
@@ -107,10 +109,11 @@ def check_phase(spec: PhaseSpec, report: PhaseReport, applied: list[Applied], re
     want = report.expected + report.extras
     for result in ("ok", "parse_error", "io_error"):
         if report.counts.get(result, 0) != want.get(result, 0):
-            fail(f"runtime_tls_reload_total result={result}: {report.counts.get(result, 0)}, expected {want.get(result, 0)}")
+            fail(f"runtime_tls_reload_total result={result}: {report.counts.get(result, 0)}, "
+                 f"expected {want.get(result, 0)}")
     # one clear WARN line per invalid rotation
     ends = [a.log_from for a in applied[1:]] + [len(logs)]
-    for a, end in zip(applied, ends):
+    for a, end in zip(applied, ends, strict=False):
         warns = [ln for ln in logs[a.log_from:end] if " WARN runtime::tls::reload:" in ln]
         if a.step.expect != "ok":
             if len(warns) != 1 or a.step.message not in warns[0]:

@@ -489,7 +489,8 @@ class PyHttpLoad:
         self.result = LoadResult(name)
         self._threads = [threading.Thread(target=self._keepalive, name=f"{name}-ka-{i}", daemon=True)
                          for i in range(keepalive)]
-        self._threads += [threading.Thread(target=self._fresh, name=f"{name}-new-{i}", daemon=True) for i in range(fresh)]
+        self._threads += [threading.Thread(target=self._fresh, name=f"{name}-new-{i}", daemon=True)
+                          for i in range(fresh)]
         self._new_connections = 0
 
     def _conn(self) -> http.client.HTTPSConnection:

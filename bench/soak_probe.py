@@ -88,8 +88,9 @@ GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
 
 class Probe:
     """Fresh handshakes against every target, one thread per target and client certificate, back to
-    back with `gap` seconds between them, each recorded with the serial the server presented. `clients` maps a name (which certificate it
-    presents) to its client contexts by ALPN protocol (see `probe_contexts`)."""
+    back with `gap` seconds between them, each recorded with the serial the server presented.
+    `clients` maps a name (which certificate it presents) to its client contexts by ALPN protocol
+    (see `probe_contexts`)."""
 
     def __init__(self, targets: list[ProbeTarget], clients: dict[str, dict[str, ssl.SSLContext]],
                  gap: float = 0.02) -> None:

@@ -21,13 +21,16 @@ def main() -> None:
     table = pa.table({
         "trip_id": pa.array(range(1, ROWS + 1), pa.int64()),
         "pickup_datetime": pa.array(pickup, pa.timestamp("us")),
-        "dropoff_datetime": pa.array([p + timedelta(minutes=m) for p, m in zip(pickup, minutes)], pa.timestamp("us")),
+        "dropoff_datetime": pa.array([p + timedelta(minutes=m) for p, m in zip(pickup, minutes, strict=True)],
+                                     pa.timestamp("us")),
         "passenger_count": pa.array([rng.choice([1, 1, 1, 2, 2, 3, 4, None]) for _ in range(ROWS)], pa.int32()),
         "trip_distance": pa.array(distance, pa.float64()),
         "payment_type": pa.array([rng.choice(["card", "card", "cash", "app"]) for _ in range(ROWS)]),
-        "fare_amount": pa.array([round(3.0 + d * 2.5 + m * 0.35, 2) for d, m in zip(distance, minutes)], pa.float64()),
+        "fare_amount": pa.array([round(3.0 + d * 2.5 + m * 0.35, 2) for d, m in zip(distance, minutes, strict=True)],
+                                pa.float64()),
         "tip_amount": pa.array([round(rng.uniform(0, 6), 2) for _ in range(ROWS)], pa.float64()),
-        "borough": pa.array([rng.choice(["Manhattan", "Brooklyn", "Queens", "Bronx", "Staten Island"]) for _ in range(ROWS)]),
+        "borough": pa.array([rng.choice(["Manhattan", "Brooklyn", "Queens", "Bronx", "Staten Island"])
+                             for _ in range(ROWS)]),
     })
     out = Path(__file__).resolve().parent.parent / "data" / "taxi_trips.parquet"
     pq.write_table(table, out, compression="zstd")

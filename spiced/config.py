@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spiced", description="Spice.ai runtime (Python).")
     p.add_argument("path", nargs="?", help="Spicepod directory or YAML file (default: the working directory)")
     p.add_argument("--http", type=_bind_address, metavar="BIND_ADDRESS", help="HTTP API address (127.0.0.1:8090)")
-    p.add_argument("--flight", type=_bind_address, metavar="FLIGHT_BIND_ADDRESS", help="Flight address (127.0.0.1:50051)")
-    p.add_argument("--open_telemetry", type=_bind_address, metavar="OPEN_TELEMETRY_BIND_ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--flight", type=_bind_address, metavar="FLIGHT_BIND_ADDRESS",
+                   help="Flight address (127.0.0.1:50051)")
+    p.add_argument("--open_telemetry", type=_bind_address, metavar="OPEN_TELEMETRY_BIND_ADDRESS",
+                   help=argparse.SUPPRESS)
     p.add_argument("--tls-enabled", type=_bool_value, metavar="<true|false>")
     p.add_argument("--tls-certificate", metavar="PEM")
     p.add_argument("--tls-certificate-file", metavar="PATH")
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--very-verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"v{__version__}")
     m = p.add_argument_group("Metrics")
-    m.add_argument("--metrics", type=_bind_address, metavar="BIND_ADDRESS", help="Enable Prometheus metrics. (disabled by default)")
+    m.add_argument("--metrics", type=_bind_address, metavar="BIND_ADDRESS",
+                   help="Enable Prometheus metrics. (disabled by default)")
     return p
 
 
@@ -200,7 +203,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_duration(text: str, key: str, file: Path) -> float:
     parts = _DURATION.findall(text.replace(" ", ""))
     if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: {key}: invalid duration {text!r} (expected e.g. 10s, 500ms, 1m)")
+        raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: {key}: "
+                          f"invalid duration {text!r} (expected e.g. 10s, 500ms, 1m)")
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
@@ -238,7 +242,8 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
     elif path.suffix.lower() in _EXT_FORMATS:
         fmt = _EXT_FORMATS[path.suffix.lower()]
     else:
-        raise ConfigError(f"{prefix}.params.file_format: Missing required parameter: file_format (cannot tell from {path.name!r})")
+        raise ConfigError(f"{prefix}.params.file_format: Missing required parameter: file_format "
+                          f"(cannot tell from {path.name!r})")
     if not path.exists():
         raise ConfigError(f"{prefix}.from: file not found: {path}")
     accel = None
@@ -246,7 +251,8 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
         a = d.acceleration
         interval = None
         if a.refresh_check_interval:
-            interval = parse_duration(a.refresh_check_interval, f"datasets[{i}].acceleration.refresh_check_interval", file)
+            interval = parse_duration(a.refresh_check_interval, f"datasets[{i}].acceleration.refresh_check_interval",
+                                      file)
         accel = Acceleration(a.enabled, a.engine, a.refresh_mode, interval, a.refresh_check_interval, a.refresh_sql)
     return Dataset(d.name, d.from_, path, fmt, params, d.description, accel)
 
@@ -265,9 +271,11 @@ def _material(
     if pod_file:
         r = secrets.resolve(pod_file, f"runtime.tls.{key}_file")
         if r.missing:
-            raise TlsConfigError(f"runtime.tls.{key}_file references secret '{r.missing[0]}', which resolved to nothing")
+            raise TlsConfigError(f"runtime.tls.{key}_file references secret '{r.missing[0]}', "
+                                 "which resolved to nothing")
         if looks_like_pem(r.value):
-            raise TlsConfigError(f"runtime.tls.{key}_file holds PEM text instead of a path; use runtime.tls.{key} for inline PEM")
+            raise TlsConfigError(f"runtime.tls.{key}_file holds PEM text instead of a path; "
+                                 f"use runtime.tls.{key} for inline PEM")
         return MaterialSource("spicepod_file", path=Path(r.value))
     if pod_inline:
         r = secrets.resolve(pod_inline, f"runtime.tls.{key}")
@@ -283,7 +291,8 @@ def tls_settings(args: argparse.Namespace, spec: TlsSpec | None, secrets: Secret
     if not enabled:
         return None
     s = spec or TlsSpec(enabled=False)
-    cert = _material(args.tls_certificate_file, args.tls_certificate, s.certificate_file, s.certificate, "certificate", secrets)
+    cert = _material(args.tls_certificate_file, args.tls_certificate, s.certificate_file, s.certificate, "certificate",
+                     secrets)
     if cert is None:
         raise TlsConfigError(
             "TLS certificate is required: provide --tls-certificate-file (recommended for hot-reload), "
@@ -301,7 +310,8 @@ def tls_settings(args: argparse.Namespace, spec: TlsSpec | None, secrets: Secret
     if mode == "required" and ca is None:
         raise TlsConfigError(
             "client_auth_mode=required requires a client CA: provide --tls-client-auth-ca-file (recommended for "
-            "hot-reload), --tls-client-auth-ca (inline PEM), or runtime.tls.{client_auth_ca_file,client_auth_ca} in the spicepod"
+            "hot-reload), --tls-client-auth-ca (inline PEM), or runtime.tls.{client_auth_ca_file,client_auth_ca} "
+            "in the spicepod"
         )
     if mode == "request" and ca is None:
         raise TlsConfigError(
@@ -330,7 +340,8 @@ def _api_keys(spec: SpicepodSpec, secrets: SecretResolver) -> tuple[str, ...]:
     keys = tuple(v for i, k in enumerate(auth.api_key.keys)
                  if (v := secrets.resolve(k, f"runtime.auth.api-key.keys[{i}]").value))
     if not keys:
-        raise ConfigError("Unable to configure API key auth: runtime.auth.api-key is enabled but no key resolved to a value")
+        raise ConfigError("Unable to configure API key auth: runtime.auth.api-key is enabled "
+                          "but no key resolved to a value")
     return keys
 
 
@@ -374,11 +385,14 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
             try:
                 sql = (file.parent / v.sql_ref).read_text()
             except OSError as e:
-                raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].sql_ref: {e}") from None
+                raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: "
+                                  f"views[{i}].sql_ref: {e}") from None
         if not sql:
-            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].sql: missing required field")
+            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: "
+                              f"views[{i}].sql: missing required field")
         if v.name.lower() in {d.name.lower() for d in datasets}:
-            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: views[{i}].name: view '{v.name}' collides with a dataset")
+            raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: "
+                              f"views[{i}].name: view '{v.name}' collides with a dataset")
         views.append(View(v.name, sql))
     timeout = None
     if spec.runtime.query and spec.runtime.query.timeout:

@@ -164,7 +164,8 @@ class Engine:
     def ready(self) -> bool:
         """Ready once every dataset has loaded (a failed dataset never becomes ready)."""
         with self._lock:
-            return all(self._states.get(d.name, None) is not None and self._states[d.name].status in ("Ready", "Refreshing")
+            return all(self._states.get(d.name, None) is not None
+                       and self._states[d.name].status in ("Ready", "Refreshing")
                        for d in self.spicepod.datasets)
 
     def _read(self, ds: Dataset) -> DataFrame:

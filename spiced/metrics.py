@@ -38,29 +38,38 @@ class Metrics:
         self.tls_reload = m.create_counter(
             "runtime_tls_reload_total", description="Total TLS material reload attempts, labeled by scope and result.")
         self.http_server_started = m.create_counter("runtime_http_server_started", description="HTTP server starts.")
-        self.flight_server_started = m.create_counter("runtime_flight_server_started", description="Flight server starts.")
+        self.flight_server_started = m.create_counter(
+            "runtime_flight_server_started", description="Flight server starts.")
         self.http_requests = m.create_counter("http_requests", description="HTTP requests served.")
-        self.http_duration = m.create_histogram("http_requests_duration_ms", description="HTTP request duration in milliseconds.")
+        self.http_duration = m.create_histogram(
+            "http_requests_duration_ms", description="HTTP request duration in milliseconds.")
         self.flight_tls_front_restarts = m.create_counter(
             "runtime_flight_tls_front_restarts",
             description="Flight TLS front processes started again after one exited or stopped answering, by reason.")
         self.flight_requests = m.create_counter("flight_requests", description="Flight requests served.")
-        self.flight_duration = m.create_histogram("flight_request_duration_ms", description="Flight request duration in milliseconds.")
+        self.flight_duration = m.create_histogram(
+            "flight_request_duration_ms", description="Flight request duration in milliseconds.")
         self.query_executions = m.create_counter("query_executions", description="Queries executed.")
         self.query_failures = m.create_counter("query_failures", description="Queries that failed.")
-        self.query_duration = m.create_histogram("query_duration_ms", description="Query duration, planning to last batch, in milliseconds.")
-        self.query_execution_duration = m.create_histogram("query_execution_duration_ms", description="Query execution time in milliseconds.")
+        self.query_duration = m.create_histogram(
+            "query_duration_ms", description="Query duration, planning to last batch, in milliseconds.")
+        self.query_execution_duration = m.create_histogram(
+            "query_execution_duration_ms", description="Query execution time in milliseconds.")
         self.query_active = m.create_up_down_counter("query_active_count", description="Queries running now.")
         self.query_returned_rows = m.create_counter("query_returned_rows", description="Rows returned by queries.")
-        self.dataset_load_state = m.create_gauge("dataset_load_state", description="0 Initializing, 1 Ready, 2 Disabled, 3 Error, 4 Refreshing, 5 ShuttingDown.")
-        self.dataset_active = m.create_up_down_counter("dataset_active_count", description="Datasets registered, by engine.")
+        self.dataset_load_state = m.create_gauge(
+            "dataset_load_state",
+            description="0 Initializing, 1 Ready, 2 Disabled, 3 Error, 4 Refreshing, 5 ShuttingDown.")
+        self.dataset_active = m.create_up_down_counter(
+            "dataset_active_count", description="Datasets registered, by engine.")
         self.dataset_load_errors = m.create_counter("dataset_load_errors", description="Dataset load failures.")
         self.client_cert_requests = m.create_counter(
             "client_cert_requests", description="Requests that presented a verified client certificate.")
         self.anonymous_requests = m.create_counter(
             "client_cert_absent_requests", description="Requests without a client certificate.")
 
-    def observe(self, name: str, description: str, callback: Callable[[CallbackOptions], Iterable[Observation]]) -> None:
+    def observe(self, name: str, description: str,
+                callback: Callable[[CallbackOptions], Iterable[Observation]]) -> None:
         """A gauge whose values `callback` reports at each collection (only the label sets it reports exist)."""
         self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 

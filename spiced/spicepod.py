@@ -7,7 +7,7 @@ unknown keys; unknown top-level keys are ignored, as upstream.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
@@ -96,7 +96,7 @@ class AccelerationSpec(_Strict):
         return v.lower()
 
 
-Scalar = Union[str, bool, int, float, None]
+Scalar = str | bool | int | float | None
 
 
 class DatasetSpec(_Strict):
@@ -219,5 +219,6 @@ def validate_spicepod(file: Path, raw: dict[str, Any]) -> SpicepodSpec:
     names = [d.name.lower() for d in spec.datasets]
     for i, n in enumerate(names):
         if n in names[:i]:
-            raise ConfigError(f"{prefix}: Unable to load duplicate spicepod dataset component '{spec.datasets[i].name}'")
+            raise ConfigError(f"{prefix}: Unable to load duplicate spicepod dataset component "
+                              f"'{spec.datasets[i].name}'")
     return spec

@@ -76,9 +76,9 @@ def make_ca(directory: Path, name: str) -> Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - dt.timedelta(days=1)).not_valid_after(_now() + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
     path = directory / f"{name}.pem"
@@ -99,7 +99,8 @@ def issue(ca: Authority, directory: Path, name: str, *, server: bool, subject: x
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.certificate.subject)
                .public_key(key.public_key()).serial_number(serial).not_valid_before(start).not_valid_after(end)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key()),
+                              critical=False)
                .add_extension(x509.ExtendedKeyUsage(usage or ([ExtendedKeyUsageOID.SERVER_AUTH] if server
                                                               else [ExtendedKeyUsageOID.CLIENT_AUTH])), critical=False))
     if server:

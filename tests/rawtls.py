@@ -266,7 +266,8 @@ class GrpcDoGet:
     """One HTTP/2 connection, spoken with `h2` over any byte pipe (`send`, and `recv(timeout)`
     returning b"" at the end), carrying Flight DoGet calls."""
 
-    def __init__(self, send: Callable[[bytes], None], recv: Callable[[float], bytes], *, open_window: bool = False) -> None:
+    def __init__(self, send: Callable[[bytes], None], recv: Callable[[float], bytes], *,
+                 open_window: bool = False) -> None:
         """`open_window`: grant the server the largest windows HTTP/2 allows at once (2 GiB on the
         connection and on every stream), so that only the transport can hold its data back."""
         self._send, self._recv = send, recv
@@ -401,7 +402,8 @@ class SClient:
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"s_client: no {what} within {timeout}s; stderr:\n{self._err.decode(errors='replace')}")
+                    raise AssertionError(f"s_client: no {what} within {timeout}s; "
+                                         f"stderr:\n{self._err.decode(errors='replace')}")
                 self._cond.wait(min(left, 0.1))
 
     def wait_err(self, text: str, timeout: float = 5.0) -> None:

@@ -136,7 +136,7 @@ class Runtime:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("spiced did not exit after " + signal.Signals(sig).name)
+            raise AssertionError("spiced did not exit after " + signal.Signals(sig).name) from None
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:

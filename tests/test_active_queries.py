@@ -248,7 +248,7 @@ def test_several_queries_are_listed_newest_first(rt: Runtime) -> None:
         lambda: in_thread(lambda: flight_read(rt, flight_ticket(texts[2], "flightsql"))),
     ]
     outcomes = []
-    for text, start in zip(texts, starts):
+    for text, start in zip(texts, starts, strict=True):
         outcomes.append(start())
         wait_listed(rt, text)
         time.sleep(0.01)  # distinct start milliseconds

@@ -30,7 +30,8 @@ def config_error(tmp_path: Path, text: str, *argv: str) -> str:
 
 
 def test_defaults_and_dataset(tmp_path: Path) -> None:
-    pod(tmp_path, HEAD + "datasets:\n  - from: file:trips.csv\n    name: trips\n    acceleration:\n      refresh_check_interval: 10s\n")
+    pod(tmp_path, HEAD + "datasets:\n  - from: file:trips.csv\n    name: trips\n    acceleration:\n"
+                         "      refresh_check_interval: 10s\n")
     c = load_config([], workdir=tmp_path, environ={})
     assert c.http_addr == ("127.0.0.1", 8090) and c.flight_addr == ("127.0.0.1", 50051) and c.metrics_addr is None
     (ds,) = c.spicepod.datasets
@@ -50,7 +51,8 @@ def test_spicepod_yml_fallback_and_positional_path(tmp_path: Path) -> None:
      "datasets[0].acceleration.engin: unknown field"),
     (HEAD + "datasets:\n  - from: file:trips.csv\n    name: t\n    acceleration:\n      engine: duckdb2\n",
      "The accelerator engine duckdb2 is not available"),
-    (HEAD + "runtime:\n  tls:\n    enabled: true\n    certificate_fil: x\n", "runtime.tls.certificate_fil: unknown field"),
+    (HEAD + "runtime:\n  tls:\n    enabled: true\n    certificate_fil: x\n",
+     "runtime.tls.certificate_fil: unknown field"),
     (HEAD + "runtime:\n  tls:\n    certificate_file: x\n", "runtime.tls.enabled: missing required field"),
     (HEAD + "runtime:\n  tls:\n    enabled: maybe\n", "runtime.tls.enabled: "),
     (HEAD + "runtime:\n  tls:\n    enabled: true\n    client_auth_mode: sometimes\n", "runtime.tls.client_auth_mode"),
@@ -79,12 +81,15 @@ def test_unknown_top_level_keys_are_ignored(tmp_path: Path) -> None:
 def test_missing_spicepod_is_upstreams_message(tmp_path: Path) -> None:
     r = spiced_fails(tmp_path)
     assert r.returncode == 1
-    assert r.stderr.strip() == (f"Spice Runtime error: Failed to start Spice runtime: Unable to load spicepod {tmp_path}: "
-                                f"spicepod.yaml not found in {tmp_path}, run `spice init <name>` to initialize spicepod.yaml")
+    assert r.stderr.strip() == ("Spice Runtime error: Failed to start Spice runtime: "
+                                f"Unable to load spicepod {tmp_path}: "
+                                f"spicepod.yaml not found in {tmp_path}, "
+                                "run `spice init <name>` to initialize spicepod.yaml")
 
 
 def test_bad_spicepod_exits_1_with_one_line(tmp_path: Path) -> None:
-    write_pod(tmp_path, HEAD + "datasets:\n  - from: file:trips.csv\n    name: t\n    acceleration:\n      engin: arrow\n")
+    write_pod(tmp_path, HEAD + "datasets:\n  - from: file:trips.csv\n    name: t\n    acceleration:\n"
+                               "      engin: arrow\n")
     r = spiced_fails(tmp_path)
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -137,7 +142,8 @@ def test_declared_stores_replace_the_default(tmp_path: Path) -> None:
 TLS_POD = HEAD + "runtime:\n  tls:\n    enabled: {enabled}\n{extra}"
 
 
-def tls_config(tmp_path: Path, extra: str = "", *argv: str, enabled: str = "true", environ: dict[str, str] | None = None):
+def tls_config(tmp_path: Path, extra: str = "", *argv: str, enabled: str = "true",
+               environ: dict[str, str] | None = None):
     pod(tmp_path, TLS_POD.format(enabled=enabled, extra=extra))
     return load_config(list(argv), workdir=tmp_path, environ=environ or {}).tls
 
@@ -158,7 +164,8 @@ def test_precedence_spicepod_file_over_inline(tmp_path: Path) -> None:
 
 
 def test_cli_enables_tls_with_spicepod_material(tmp_path: Path) -> None:
-    t = tls_config(tmp_path, "    certificate_file: a.crt\n    key_file: a.key\n", "--tls-enabled", "true", enabled="false")
+    t = tls_config(tmp_path, "    certificate_file: a.crt\n    key_file: a.key\n", "--tls-enabled", "true",
+                   enabled="false")
     assert t is not None and t.reloadable
 
 

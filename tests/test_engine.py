@@ -90,7 +90,7 @@ def test_scans_answer_what_datafusion_answers(tmp_path: Path, sql: str) -> None:
 
 def sorted_rows(table: pa.Table) -> list[tuple[object, ...]]:
     # Partitions may interleave in either order; pyarrow cannot sort string_view columns.
-    return sorted(zip(*(column.to_pylist() for column in table.columns)))
+    return sorted(zip(*(column.to_pylist() for column in table.columns), strict=True))
 
 
 def test_a_plain_scan_is_served_from_the_stored_batches(tmp_path: Path) -> None:

@@ -227,7 +227,8 @@ def test_bad_flight_sql_statement_is_invalid_argument_with_the_bare_message(clie
     assert info.schema == pa.schema([]) and info.endpoints[0].ticket.ticket == command
     with pytest.raises(pa.ArrowInvalid) as error:
         client.do_get(info.endpoints[0].ticket).read_all()
-    assert str(error.value).startswith("table 'spice.public.nope' not found. gRPC client debug context: INVALID_ARGUMENT")
+    assert str(error.value).startswith(
+        "table 'spice.public.nope' not found. gRPC client debug context: INVALID_ARGUMENT")
     clean(str(error.value))
     parser = sql.pack(pb.CommandStatementQuery(query="SELEC 1"))
     with pytest.raises(pa.ArrowInvalid, match=r'^SQL error: ParserError\("Expected: an SQL statement') as error:
@@ -379,7 +380,8 @@ def test_prepared_statement_actions(client: fl.FlightClient) -> None:
     assert pa.ipc.read_schema(pa.py_buffer(created.dataset_schema)) == pa.schema([("city", pa.string())])
     query = pb.CommandPreparedStatementQuery(prepared_statement_handle=created.prepared_statement_handle)
     assert flight_sql_info(client, query).to_pylist() == [{"city": "Portland"}]
-    close = sql.pack(pb.ActionClosePreparedStatementRequest(prepared_statement_handle=created.prepared_statement_handle))
+    close = sql.pack(pb.ActionClosePreparedStatementRequest(
+        prepared_statement_handle=created.prepared_statement_handle))
     assert [r.body.to_pybytes() for r in client.do_action(fl.Action("ClosePreparedStatement", close))] == [b""]
     bad = sql.pack(pb.ActionCreatePreparedStatementRequest(query="SELECT * FROM nope"))
     with pytest.raises(fl.FlightServerError, match="^table 'spice.public.nope' not found") as info:

@@ -278,7 +278,8 @@ def test_failed_handshake_is_logged_at_debug_with_its_reason(rig: Rig, pki: Pki,
         wait_for(lambda: any("handshake" in r.getMessage() for r in caplog.records), timeout=5)
     [record] = [r for r in caplog.records if "handshake" in r.getMessage()]
     assert record.levelname == "DEBUG"
-    assert re.fullmatch(r"Flight TLS handshake with 127\.0\.0\.1:\d+ failed: .*(CERTIFICATE_VERIFY_FAILED|unknown ca).*",
+    assert re.fullmatch(r"Flight TLS handshake with 127\.0\.0\.1:\d+ failed: "
+                        r".*(CERTIFICATE_VERIFY_FAILED|unknown ca).*",
                         record.getMessage(), re.IGNORECASE)
 
 

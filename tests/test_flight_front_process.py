@@ -48,7 +48,8 @@ def alive(pid: int) -> bool:
 def select_1(rt: Runtime, pki: Pki, **cert: bytes) -> list[dict[str, int]]:
     with fl.FlightClient(rt.flight_uri.replace("127.0.0.1", "localhost"), tls_root_certs=pki.ca.cert_pem,
                          **cert) as c:
-        rows: list[dict[str, int]] = c.do_get(fl.Ticket(b"SELECT 1"), fl.FlightCallOptions(timeout=10)).read_all().to_pylist()
+        rows: list[dict[str, int]] = c.do_get(fl.Ticket(b"SELECT 1"),
+                                              fl.FlightCallOptions(timeout=10)).read_all().to_pylist()
         return rows
 
 
@@ -111,7 +112,8 @@ def test_a_call_waits_for_the_word_on_its_connection_but_only_for_front_peers(tm
 
 def restarts(rt: Runtime, pki: Pki) -> dict[str, float]:
     """runtime_flight_tls_front_restarts_total by reason, from the real /metrics."""
-    text = httpx.get(rt.http_url + "/metrics", verify=ssl.create_default_context(cafile=str(pki.ca.cert)), timeout=5).text
+    text = httpx.get(rt.http_url + "/metrics", verify=ssl.create_default_context(cafile=str(pki.ca.cert)),
+                     timeout=5).text
     return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
             if family.name == "runtime_flight_tls_front_restarts" for s in family.samples if s.name.endswith("_total")}
 

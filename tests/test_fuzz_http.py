@@ -155,7 +155,8 @@ def client(rt: Runtime, slow: SlowClients) -> Iterator[httpx.Client]:
         yield c
 
 
-def post_sql(client: httpx.Client, body: bytes, headers: dict[str, str] | dict[str, bytes] | None = None) -> httpx.Response:
+def post_sql(client: httpx.Client, body: bytes,
+             headers: dict[str, str] | dict[str, bytes] | None = None) -> httpx.Response:
     r = client.post("/v1/sql", content=body, headers=headers or {})
     assert r.status_code < 500, (r.status_code, body[:200], r.text[:300])
     return r

@@ -48,7 +48,8 @@ WORDS = ["${secrets:x}", "${env:HOME}", "${ secrets : tls_key }", "${secrets:}",
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70), st.floats(), st.text(max_size=30),
                     st.sampled_from(WORDS))
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)),
+values = st.recursive(scalars,
+                      lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)),
                       max_leaves=20)
 tls = st.fixed_dictionaries({}, optional={k: values for k in ["enabled", "certificate_file", "key_file", "certificate",
                                                                 "key", "client_auth_mode", "client_auth_ca_file",
@@ -56,17 +57,21 @@ tls = st.fixed_dictionaries({}, optional={k: values for k in ["enabled", "certif
 runtime = st.one_of(values, st.fixed_dictionaries({}, optional={"tls": st.one_of(tls, values), "auth": values,
                                                                 "query": values, "task_history": values}))
 dataset = st.one_of(values, st.fixed_dictionaries(
-    {"from": st.one_of(st.sampled_from(WORDS), scalars), "name": st.one_of(st.sampled_from(["trips", "a.b", "a.b.c", ""]), scalars)},
-    optional={"params": values, "acceleration": st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4)),
+    {"from": st.one_of(st.sampled_from(WORDS), scalars),
+     "name": st.one_of(st.sampled_from(["trips", "a.b", "a.b.c", ""]), scalars)},
+    optional={"params": values,
+              "acceleration": st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4)),
               "description": values, "metadata": values}))
 spicepod = st.fixed_dictionaries(
     {"version": st.one_of(st.sampled_from(["v1", "v1beta1", "v2"]), scalars),
      "kind": st.one_of(st.just("Spicepod"), scalars), "name": st.one_of(st.just("fuzz"), scalars)},
     optional={"runtime": runtime, "datasets": st.one_of(st.lists(dataset, max_size=3), values),
-              "views": st.one_of(st.lists(st.dictionaries(st.sampled_from(["name", "sql", "sql_ref", "x"]), scalars), max_size=2), values),
+              "views": st.one_of(st.lists(st.dictionaries(st.sampled_from(["name", "sql", "sql_ref", "x"]), scalars),
+                                          max_size=2), values),
               "secrets": values, "catalogs": values, "extensions": values, "junk": values})
-flags = st.lists(st.sampled_from([["--tls-enabled", "true"], ["--tls-enabled", "false"], ["--set-runtime", "query.timeout=5s"],
-                                  ["--set-runtime", "tls=1"], ["--set-runtime", "x"], ["--tls-client-auth-mode", "request"],
+flags = st.lists(st.sampled_from([["--tls-enabled", "true"], ["--tls-enabled", "false"],
+                                  ["--set-runtime", "query.timeout=5s"], ["--set-runtime", "tls=1"],
+                                  ["--set-runtime", "x"], ["--tls-client-auth-mode", "request"],
                                   ["--tls-certificate-file", "missing.pem"], ["--tls-key", "not a key"]]), max_size=2)
 
 
@@ -94,7 +99,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @FUZZ
 @given(pod=spicepod, argv=flags)
-def test_random_spicepods_load_or_fail_with_one_line(workdir: Path, pod: dict[str, object], argv: list[list[str]]) -> None:
+def test_random_spicepods_load_or_fail_with_one_line(workdir: Path, pod: dict[str, object],
+                                                     argv: list[list[str]]) -> None:
     outcome(workdir, yaml.safe_dump(pod, allow_unicode=True), [a for pair in argv for a in pair])
 
 
@@ -143,7 +149,8 @@ PROCESS_CASES = {
     "yaml-syntax": "version: v1\nkind: Spicepod\nname: [unclosed\n",
     "unknown-tls-key": HEADER + "runtime:\n  tls:\n    enabled: true\n    certificate_fil: x.pem\n",
     "wrong-types": HEADER + "datasets:\n  - from: 5\n    name: {a: 1}\n",
-    "bad-duration": HEADER + "datasets:\n  - from: file:trips.csv\n    name: t\n    acceleration:\n      refresh_check_interval: soon\n",
+    "bad-duration": HEADER + "datasets:\n  - from: file:trips.csv\n    name: t\n    acceleration:\n"
+                             "      refresh_check_interval: soon\n",
     "tls-without-material": HEADER + "runtime:\n  tls:\n    enabled: true\n",
     "nested-3000-deep": DEEP,
     "binary-garbage": "\x00\xff\xfe garbage",
@@ -210,7 +217,8 @@ def test_process_with_an_odd_but_valid_spicepod_serves(tmp_path: Path, extra: st
 def test_process_with_tls_material_missing_names_the_file(tmp_path: Path) -> None:
     pki = Pki.create(tmp_path / "pki")
     shutil.copyfile(pki.server.cert, tmp_path / "c.pem")
-    write_pod(tmp_path, HEADER + "runtime:\n  tls:\n    enabled: true\n    certificate_file: c.pem\n    key_file: nope.pem\n")
+    write_pod(tmp_path, HEADER + "runtime:\n  tls:\n    enabled: true\n    certificate_file: c.pem\n"
+                                 "    key_file: nope.pem\n")
     r = spiced_fails(tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (

@@ -191,7 +191,8 @@ def test_select_one_with_curl(api: ApiServer) -> None:
 
 
 def test_json_rows_nulls_omitted_and_empty_result(http: httpx.Client) -> None:
-    r = http.post("/v1/sql", content="SELECT id, city, CASE WHEN id = 2 THEN NULL ELSE fare END AS fare FROM trips ORDER BY id")
+    r = http.post("/v1/sql",
+                  content="SELECT id, city, CASE WHEN id = 2 THEN NULL ELSE fare END AS fare FROM trips ORDER BY id")
     assert r.json() == [{"id": 1, "city": "Seattle", "fare": 12.5}, {"id": 2, "city": "Portland"},
                         {"id": 3, "city": "Seattle", "fare": 30.0}]
     r = http.post("/v1/sql", content="SELECT * FROM trips WHERE id > 100")
@@ -240,12 +241,16 @@ def test_accept_negotiation(http: httpx.Client, accept: str, expected: str) -> N
 @pytest.mark.parametrize(("sql", "message"), [
     ("SELECT * FROM foo", "Failed to execute query: Error during planning: table 'spice.public.foo' not found"),
     ("", "Failed to execute query: Error during planning: No SQL statements were provided in the query string"),
-    ("SELEC 1", 'Failed to execute query: SQL error: ParserError("Expected: an SQL statement, found: SELEC at Line: 1, Column: 1")'),
+    ("SELEC 1", 'Failed to execute query: SQL error: ParserError("Expected: an SQL statement, '
+                'found: SELEC at Line: 1, Column: 1")'),
     ("CREATE TABLE x (a INT)", "Failed to execute query: Error during planning: DDL not supported: CreateMemoryTable"),
     ("DROP TABLE trips", "Failed to execute query: Error during planning: DDL not supported: DropTable"),
-    ("INSERT INTO trips VALUES (4, 'Boise', 1.0)", "Failed to execute query: Error during planning: DML not supported: Insert Into"),
-    ("SET datafusion.execution.batch_size = 1", "Failed to execute query: Error during planning: Statement not supported: SetVariable"),
-    ("SELECT 1; SELECT 2", "Failed to execute query: This feature is not implemented: The context currently only supports a single SQL statement"),
+    ("INSERT INTO trips VALUES (4, 'Boise', 1.0)",
+     "Failed to execute query: Error during planning: DML not supported: Insert Into"),
+    ("SET datafusion.execution.batch_size = 1",
+     "Failed to execute query: Error during planning: Statement not supported: SetVariable"),
+    ("SELECT 1; SELECT 2", "Failed to execute query: This feature is not implemented: "
+                           "The context currently only supports a single SQL statement"),
     ("SELECT 1/0", "Failed to execute query: Arrow error: Divide by zero error"),
 ])
 def test_refused_and_failing_queries_are_400_with_the_engine_text(http: httpx.Client, sql: str, message: str) -> None:
@@ -448,7 +453,9 @@ def test_refresh_reloads_the_dataset(loop: LoopThread, tmp_path: Path) -> None:
     workdir = write_pod(tmp_path, POD)
     (workdir / "cities.csv").write_text(CITIES_CSV)
     with api_server(loop, make_state(workdir)) as server, httpx.Client(base_url=server.url) as c:
-        count = lambda: c.post("/v1/sql", content="SELECT count(*) AS n FROM trips").json()[0]["n"]
+        def count() -> Any:
+            return c.post("/v1/sql", content="SELECT count(*) AS n FROM trips").json()[0]["n"]
+
         assert count() == 3
         with (workdir / "trips.csv").open("a") as f:
             f.write("4,Boise,9.0\n")
@@ -590,7 +597,8 @@ def test_large_result_streams_progressively_with_flat_server_memory(runtime_proc
     body_mib = size / 2**20
     assert body_mib > 100
     assert growth_mib < 48, f"server RSS grew {growth_mib:.0f} MiB while streaming {body_mib:.0f} MiB"
-    print(f"first byte {first_byte:.3f}s of {total:.2f}s, {chunks} chunks, {body_mib:.0f} MiB, RSS +{growth_mib:.0f} MiB")
+    print(f"first byte {first_byte:.3f}s of {total:.2f}s, {chunks} chunks, {body_mib:.0f} MiB, "
+          f"RSS +{growth_mib:.0f} MiB")
 
 
 def test_upstream_endpoints_not_served_yet_say_so_in_json(tmp_path: Path) -> None:

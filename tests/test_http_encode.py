@@ -156,8 +156,9 @@ def test_numbers_decimals_booleans(size: int) -> None:
     ), size)
     text = to_json(batch).decode()
     row = json.loads(text, parse_float=decimal.Decimal)[0]
-    assert row == {"i": -(2**63), "u": 2**64 - 1, "f": 1, "small": decimal.Decimal("0.000025"), "large": decimal.Decimal("1e20"),
-                   "f32": decimal.Decimal("0.1"), "dec": decimal.Decimal("-12.50"), "b": True, "b2": False}
+    assert row == {"i": -(2**63), "u": 2**64 - 1, "f": 1, "small": decimal.Decimal("0.000025"),
+                   "large": decimal.Decimal("1e20"), "f32": decimal.Decimal("0.1"), "dec": decimal.Decimal("-12.50"),
+                   "b": True, "b2": False}
     assert '"f":1.0,' in text and '"dec":-12.50,' in text  # a double keeps its ".0"; a decimal its scale
 
 
@@ -177,7 +178,8 @@ def test_nested_binary_and_durations() -> None:
 
 
 def test_dictionary_and_string_view_columns() -> None:
-    batch = big(batch_of(d=pa.array(["a", None, "a"]).dictionary_encode(), v=pa.array(["x", "y", None], pa.string_view())))
+    batch = big(batch_of(d=pa.array(["a", None, "a"]).dictionary_encode(),
+                         v=pa.array(["x", "y", None], pa.string_view())))
     assert json.loads(to_json(batch))[:3] == [{"d": "a", "v": "x"}, {"v": "y"}, {"d": "a"}]
 
 
@@ -220,10 +222,12 @@ def test_same_values_as_datafusion_json_writer(tmp_path: Path) -> None:
 @st.composite
 def mixed_batches(draw: st.DrawFn) -> pa.RecordBatch:
     n = draw(st.integers(1, 20))
-    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-5, 2.5e-5, 1e16, 1e-7, 0.0]))
+    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([1e-5, 2.5e-5, 1e16, 1e-7, 0.0]))
     texts = st.one_of(st.none(), st.text(st.characters(codec="utf-8"), max_size=8))
     return batch_of(
-        i=pa.array(draw(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), min_size=n, max_size=n)), pa.int64()),
+        i=pa.array(draw(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), min_size=n, max_size=n)),
+                   pa.int64()),
         f=pa.array(draw(st.lists(floats, min_size=n, max_size=n)), pa.float64()),
         s=pa.array(draw(st.lists(texts, min_size=n, max_size=n)), pa.string()),
         d=pa.array(draw(st.lists(st.one_of(st.none(), st.decimals(-(10**6), 10**6, places=3, allow_nan=False)),
@@ -258,14 +262,16 @@ def test_small_path_is_not_used_for_types_only_kernels_print() -> None:
 
 def test_csv_header_once_nulls_empty_and_quoting_when_needed() -> None:
     schema = pa.schema([("id", pa.int64()), ("name", pa.string()), ("fare", pa.float64())])
-    first = pa.RecordBatch.from_pylist([{"id": 1, "name": "a,b", "fare": 1.5}, {"id": 2, "name": None, "fare": None}], schema=schema)
+    first = pa.RecordBatch.from_pylist([{"id": 1, "name": "a,b", "fare": 1.5}, {"id": 2, "name": None, "fare": None}],
+                                       schema=schema)
     second = big(pa.RecordBatch.from_pylist([{"id": 3, "name": 'say "x"\nnext', "fare": 2.0}], schema=schema))
     body = encode_all(CsvEncoder(schema), [first, second])
     assert body.startswith(b'id,name,fare\n1,"a,b",1.5\n2,,\n3,"say ""x""\nnext",2.0\n')
     assert body.count(b"id,name,fare") == 1
     table = pacsv.read_csv(io.BytesIO(body), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     assert table.num_rows == 2 + SMALL_ROWS + 1
-    assert table.slice(0, 3).to_pylist() == [{"id": 1, "name": "a,b", "fare": 1.5}, {"id": 2, "name": None, "fare": None},
+    assert table.slice(0, 3).to_pylist() == [{"id": 1, "name": "a,b", "fare": 1.5},
+                                             {"id": 2, "name": None, "fare": None},
                                              {"id": 3, "name": 'say "x"\nnext', "fare": 2.0}]
 
 
@@ -342,4 +348,5 @@ def test_encoder_for_every_media_type() -> None:
     assert encode_all(encoder_for("application/json", schema), [batch]) == b'[{"a":1}]'
     assert encode_all(encoder_for("text/csv", schema), [batch]) == b"a\n1\n"
     assert encode_all(encoder_for("text/plain", schema), [batch]).startswith(b"+---+")
-    assert ipc.open_stream(encode_all(encoder_for("application/vnd.apache.arrow.stream", schema), [batch])).read_all().num_rows == 1
+    assert ipc.open_stream(encode_all(encoder_for("application/vnd.apache.arrow.stream", schema),
+                                      [batch])).read_all().num_rows == 1

@@ -94,7 +94,8 @@ def _tls_server(loop: LoopThread, pki: Pki, tmp: Path, mode: ClientAuthMode,
     shutil.copyfile(pki.server.cert, cert)
     shutil.copyfile(pki.server.key, key)
     metrics = Metrics()
-    manager = TlsManager.create(file_settings(pki, cert, key, mode, pki.client_ca.cert if mode != "none" else None), metrics)
+    manager = TlsManager.create(file_settings(pki, cert, key, mode, pki.client_ca.cert if mode != "none" else None),
+                                metrics)
     state = make_state(write_pod(tmp / "pod"), tls=manager, api_keys=api_keys, metrics=metrics)
     with api_server(loop, state, ssl_context=manager.listener_context("http")) as server:
         yield server

@@ -40,7 +40,8 @@ def test_an_http1_client_that_stops_reading_is_dropped_and_its_query_ends(api: A
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.connect(("127.0.0.1", api.port))
-        s.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nAccept: text/csv\r\nContent-Length: %d\r\n\r\n%s" % (len(BIG), BIG))
+        s.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nAccept: text/csv\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(BIG), BIG))
         assert s.recv(16).startswith(b"HTTP/1.1 200")
         wait_for(lambda: active(api) == 1, timeout=5)
         waited = wait_for(lambda: active(api) == 0, timeout=15)  # without ever reading again
@@ -64,7 +65,8 @@ def test_an_http1_client_that_reads_slowly_keeps_its_response(api: ApiServer) ->
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.connect(("127.0.0.1", api.port))
-        s.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nAccept: text/csv\r\nContent-Length: %d\r\n\r\n%s" % (len(BIG), BIG))
+        s.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nAccept: text/csv\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(BIG), BIG))
         received = 0
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:

@@ -22,7 +22,8 @@ def test_importing_the_http_app_and_server_patches_nothing() -> None:
             "from spiced.http import hypercorn_patches\n"
             "hypercorn_patches.install(); hypercorn_patches.install()\n"
             "assert r.TCPServer is hypercorn_patches._TlsAwareTCPServer\n"
-            "assert p.H2Protocol is hypercorn_patches._H2Protocol and h2.StreamBuffer is hypercorn_patches._StreamBuffer\n")
+            "assert p.H2Protocol is hypercorn_patches._H2Protocol"
+            " and h2.StreamBuffer is hypercorn_patches._StreamBuffer\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
@@ -30,7 +31,8 @@ def test_importing_the_http_app_and_server_patches_nothing() -> None:
 def test_install_refuses_another_hypercorn(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.0" if name == "hypercorn" else real(name))
-    with pytest.raises(hypercorn_patches.HypercornMismatch, match=r"Hypercorn 0\.19\.0 is installed; .*hypercorn==0\.18\.0"):
+    with pytest.raises(hypercorn_patches.HypercornMismatch,
+                       match=r"Hypercorn 0\.19\.0 is installed; .*hypercorn==0\.18\.0"):
         hypercorn_patches.install()
 
 

@@ -21,8 +21,8 @@ CLIENTS = ("anonymous", "valid", "foreign", "expired", "server_usage")
 @pytest.fixture(scope="module", params=MODES)
 def runtime(request: pytest.FixtureRequest, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     mode = request.param
-    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
-            "--tls-client-auth-mode", mode]
+    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key), "--tls-client-auth-mode", mode]
     if mode != "none":
         args += ["--tls-client-auth-ca-file", str(pki.client_ca.cert)]
     with run_spiced(write_pod(tmp_path_factory.mktemp(mode)), *args, metrics=True) as rt:
@@ -57,7 +57,8 @@ def accepted(mode: str, client: str) -> bool:
 @pytest.mark.parametrize("client", CLIENTS)
 def test_http_sql(runtime: Runtime, pki: Pki, client: str) -> None:
     mode = runtime.mode  # type: ignore[attr-defined]
-    status, body = curl(pki, client_cert(pki, client), f"https://{localhost(runtime.http_address)}/v1/sql", "-d", "SELECT 1")
+    status, body = curl(pki, client_cert(pki, client), f"https://{localhost(runtime.http_address)}/v1/sql",
+                        "-d", "SELECT 1")
     if not accepted(mode, client):
         assert status == 0, f"{client} must fail the handshake in mode {mode}"
     elif mode == "required" and client == "anonymous":
@@ -70,7 +71,8 @@ def test_http_sql(runtime: Runtime, pki: Pki, client: str) -> None:
 def test_http_probes(runtime: Runtime, pki: Pki, client: str) -> None:
     mode = runtime.mode  # type: ignore[attr-defined]
     base = f"https://{localhost(runtime.http_address)}"
-    health, ready = curl(pki, client_cert(pki, client), base + "/health"), curl(pki, client_cert(pki, client), base + "/v1/ready")
+    health, ready = (curl(pki, client_cert(pki, client), base + "/health"),
+                     curl(pki, client_cert(pki, client), base + "/v1/ready"))
     if accepted(mode, client):
         assert health == (200, "ok\n") and ready == (200, "ready")
     else:
@@ -113,7 +115,8 @@ def test_startup_line_names_mode_and_ca(runtime: Runtime, pki: Pki) -> None:
     mode = runtime.mode  # type: ignore[attr-defined]
     logs = "\n".join(runtime.logs())
     if mode == "required":
-        assert f"Public TLS client certificates: required (client_auth_mode=required); CA from file {pki.client_ca.cert}" in logs
+        assert (f"Public TLS client certificates: required (client_auth_mode=required); "
+                f"CA from file {pki.client_ca.cert}") in logs
     elif mode == "request":
         assert (f"Public TLS client certificates: requested but optional (client_auth_mode=request); "
                 f"CA from file {pki.client_ca.cert}") in logs
@@ -126,7 +129,8 @@ def test_startup_line_names_mode_and_ca(runtime: Runtime, pki: Pki) -> None:
 def test_client_ca_rotation_applies_to_new_connections(pki: Pki, tmp_path: Path) -> None:
     bundle = tmp_path / "clients.pem"
     bundle.write_bytes(pki.client_ca.cert_pem)
-    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
+    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key),
             "--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(bundle)]
     with run_spiced(write_pod(tmp_path / "pod"), *args) as rt:
         url = f"https://{localhost(rt.http_address)}/v1/sql"
@@ -157,7 +161,8 @@ datasets:
 
 
 def test_mtls_and_api_keys_combine(pki: Pki, tmp_path: Path) -> None:
-    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
+    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key),
             "--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(pki.client_ca.cert)]
     with run_spiced(write_pod(tmp_path, API_KEY_POD), *args, env={"SPICE_API_KEY": "k-123"}) as rt:
         url = f"https://{localhost(rt.http_address)}/v1/sql"

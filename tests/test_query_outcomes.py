@@ -110,7 +110,7 @@ def test_the_same_failure_has_the_same_err_code_on_every_protocol(rt: Runtime, s
     lines = wait_warnings(rt, after, 3)
     assert len(lines) == 3, lines  # one per failed query
     for protocol, line in zip(PROTOCOLS, sorted(lines, key=lambda line: PROTOCOLS.index(
-            re.search(r" protocol=(\w+) ", line).group(1)))):  # type: ignore[union-attr]
+            re.search(r" protocol=(\w+) ", line).group(1))), strict=True):  # type: ignore[union-attr]
         assert re.search(rf"Query failed query_id=[0-9a-f-]{{36}} protocol={protocol} err_code={err_code} "
                          r'error=".+"$', line), line
         assert "client_subject" not in line and "Traceback" not in line
@@ -126,7 +126,8 @@ def test_timeouts_are_query_timeout_on_every_protocol(tmp_path: Path) -> None:
             assert isinstance(error, fl.FlightTimedOutError), repr(error)
             assert str(error).startswith("Query timed out after 0.3s. Detail: TimedOut. ")  # pyarrow's tail
         counts = failures(timed)
-        assert {protocol: counts.get((protocol, "QueryTimeout")) for protocol in PROTOCOLS} == dict.fromkeys(PROTOCOLS, 1)
+        assert ({protocol: counts.get((protocol, "QueryTimeout")) for protocol in PROTOCOLS}
+                == dict.fromkeys(PROTOCOLS, 1))
         lines = wait_warnings(timed, 0, 3)
         assert len(lines) == 3 and all(' err_code=QueryTimeout error="Query timed out after 0.3s"' in x for x in lines)
 
@@ -201,7 +202,8 @@ def test_the_access_log_flag_logs_every_request_and_call_at_info(tmp_path: Path)
         logged.wait_for_log(r" INFO runtime::http: GET /v1/nope 404 [\d.]+ms client=anonymous$", after=after)
         flight_ok = logged.wait_for_log(r" INFO runtime::flight: Flight call method=do_get .* status=OK ", after=after)
         logged.wait_for_log(r" INFO runtime::flight: Flight call method=do_get .* status=INTERNAL ", after=after)
-        assert re.search(r"command=- peer=ipv4:127\.0\.0\.1:\d+ duration_ms=[\d.]+ status=OK client=anonymous$", flight_ok)
+        assert re.search(r"command=- peer=ipv4:127\.0\.0\.1:\d+ duration_ms=[\d.]+ status=OK client=anonymous$",
+                         flight_ok)
         assert "X-API-Key" not in http_ok
 
 
@@ -219,7 +221,8 @@ datasets:
 
 def test_under_mtls_failures_and_access_lines_name_the_client(tmp_path: Path) -> None:
     pki = Pki.create(tmp_path / "pki")
-    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
+    args = ["--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key),
             "--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(pki.client_ca.cert)]
     subject = pki.client.certificate.subject.rfc4514_string()
     ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
@@ -232,7 +235,8 @@ def test_under_mtls_failures_and_access_lines_name_the_client(tmp_path: Path) ->
         # The active-query routes are behind the certificate gate like /v1/sql.
         refused = anonymous.get(secured.http_url + "/v1/sql/active")
         assert (refused.status_code, refused.content) == (401, b'{"message":"Valid client TLS certificate required"}')
-        assert anonymous.post(secured.http_url + "/v1/sql/0198f0a1-9c3d-7c4e-8a11-2b3c4d5e6f70/cancel").status_code == 401
+        assert anonymous.post(
+            secured.http_url + "/v1/sql/0198f0a1-9c3d-7c4e-8a11-2b3c4d5e6f70/cancel").status_code == 401
         assert verified.get(secured.http_url + "/v1/sql/active").json() == {"queries": [], "total_count": 0}
 
         after = len(secured.logs())
@@ -246,7 +250,7 @@ def test_under_mtls_failures_and_access_lines_name_the_client(tmp_path: Path) ->
         expected = [("http", "QueryPlanningError", "Error during planning: table 'spice.public.nope' not found"),
                     ("flight", "QueryPlanningError", "Error during planning: table 'spice.public.nope' not found"),
                     ("flightsql", "SyntaxError", 'SQL error: ParserError(\\"Expected: an SQL statement')]
-        for line, (protocol, code, text) in zip(lines, expected):
+        for line, (protocol, code, text) in zip(lines, expected, strict=True):
             assert f" protocol={protocol} err_code={code} {identity}" in line, line
             assert f' error="{text}' in line, line
 

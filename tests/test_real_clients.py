@@ -556,7 +556,8 @@ def test_openssl_s_client_without_client_cert_is_refused_by_flight_in_required_m
     for _ in range(ROUNDS):
         done = s_client(stand, "flight", False, hold=CALL_TIMEOUT)
         assert not done.stuck, f"s_client never finished its handshake with Flight:\n{done.output[-1500:]}"
-        assert done.ended_by_itself and done.returncode != 0, f"Flight kept the anonymous client:\n{done.output[-1500:]}"
+        assert done.ended_by_itself and done.returncode != 0, (
+            f"Flight kept the anonymous client:\n{done.output[-1500:]}")
         errors = [line for line in done.output.splitlines() if ":error:" in line]
         assert any("alert certificate required" in line for line in errors), (
             f"Flight dropped the connection without the certificate_required alert (RFC 8446 4.4.2.4: the server "
@@ -637,7 +638,8 @@ def close_notify(tls: ssl.SSLSocket, listener: str) -> None:
     except ssl.SSLZeroReturnError:  # its close_notify
         return
     except OSError as e:
-        raise AssertionError(f"after close_notify on {listener}: the server did not answer with its own: {e!r}") from None
+        raise AssertionError(f"after close_notify on {listener}: "
+                             f"the server did not answer with its own: {e!r}") from None
 
 
 def ssl_round(stand: Stand, listener: str, with_cert: bool) -> None:
@@ -668,7 +670,8 @@ def test_python_ssl_exchange_then_unwrap(listener: str, stand: Stand, with_cert:
     for _ in range(ROUNDS):
         ssl_round(stand, listener, with_cert)
     health_listeners = () if listener == "flight" else (listener,)
-    check_healthy(stand, f"{ROUNDS} Python ssl connections to {listener} closed with unwrap()", listeners=health_listeners)
+    check_healthy(stand, f"{ROUNDS} Python ssl connections to {listener} closed with unwrap()",
+                  listeners=health_listeners)
 
 
 def flight_refusal(stand: Stand) -> BaseException | None:

@@ -89,16 +89,20 @@ class BadCase:
 
 
 BAD_CASES = [
-    BadCase("garbage", "parse_error", r"rejected new material, keeping old: TLS PEM contained no certificates cert_path="),
+    BadCase("garbage", "parse_error",
+            r"rejected new material, keeping old: TLS PEM contained no certificates cert_path="),
     BadCase("truncated", "parse_error",
             r"rejected new material, keeping old: failed to parse TLS certificate: .*(missing|invalid base64)"),
     BadCase("mismatched_key", "parse_error",
             r"rejected new material, keeping old: TLS certificate and private key do not match cert_path="),
-    BadCase("encrypted_key", "parse_error", r"rejected new material, keeping old: failed to parse TLS private key: .*encrypted"),
-    BadCase("deleted", "io_error", r"failed to read cert file: No such file or directory \(os error 2\)", trigger="poll"),
+    BadCase("encrypted_key", "parse_error",
+            r"rejected new material, keeping old: failed to parse TLS private key: .*encrypted"),
+    BadCase("deleted", "io_error", r"failed to read cert file: No such file or directory \(os error 2\)",
+            trigger="poll"),
     BadCase("unreadable", "io_error", r"failed to read cert file: Permission denied \(os error 13\)", trigger="poll"),
     BadCase("directory", "io_error", r"failed to read cert file: Is a directory \(os error 21\)", trigger="poll"),
-    BadCase("empty", "parse_error", r"rejected new material, keeping old: TLS PEM contained no certificates cert_path="),
+    BadCase("empty", "parse_error",
+            r"rejected new material, keeping old: TLS PEM contained no certificates cert_path="),
     BadCase("expired", "ok", r"(?i)expired", served="new"),
 ]
 

@@ -24,8 +24,10 @@ def test_startup_lines_and_clean_exit(tmp_path: Path) -> None:
         assert all(LINE.match(line) for line in logs), logs
         joined = "\n".join(logs)
         assert re.search(r" INFO runtime::http: Spice Runtime HTTP listening on 127\.0\.0\.1:[1-9]\d*$", joined, re.M)
-        assert re.search(r" INFO runtime::flight: Spice Runtime Flight listening on 127\.0\.0\.1:[1-9]\d*$", joined, re.M)
-        assert re.search(r" INFO runtime::metrics_server: Spice Runtime Metrics listening on 127\.0\.0\.1:[1-9]\d*$", joined, re.M)
+        assert re.search(r" INFO runtime::flight: Spice Runtime Flight listening on 127\.0\.0\.1:[1-9]\d*$", joined,
+                         re.M)
+        assert re.search(r" INFO runtime::metrics_server: Spice Runtime Metrics listening on 127\.0\.0\.1:[1-9]\d*$",
+                         joined, re.M)
         assert " INFO runtime: Dataset trips registered (file:trips.csv), acceleration (arrow)." in joined
         assert re.search(r"Loaded 3 rows \(\d+ B\) for dataset trips in \d+ms\.", joined)
         assert httpx.get(rt.http_url + "/health").text == "ok\n"

@@ -76,7 +76,8 @@ def rsa_chain_with_intermediate(directory: Path) -> RsaChain:
         if ca:
             b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                               content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                              key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+                                              key_agreement=False, encipher_only=False, decipher_only=False),
+                                critical=True)
         else:
             b = (b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                  .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
@@ -88,7 +89,9 @@ def rsa_chain_with_intermediate(directory: Path) -> RsaChain:
     root = cert(name("scan root CA"), name("scan root CA"), keys[0].public_key(), keys[0], ca=True, days=60)
     mid = cert(name("scan intermediate CA"), root.subject, keys[1].public_key(), keys[0], ca=True, days=60)
     leaf = cert(SERVER_SUBJECT, mid.subject, keys[2].public_key(), keys[1], ca=False, days=30)
-    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)
+    def pem(c: x509.Certificate) -> bytes:
+        return c.public_bytes(serialization.Encoding.PEM)
+
     out = RsaChain(directory / "scan-root.pem", directory / "scan-chain.pem", directory / "scan-leaf.key")
     out.root.write_bytes(pem(root))
     out.chain.write_bytes(pem(leaf) + pem(mid))
@@ -103,7 +106,8 @@ def scan(rt: Runtime, anchor: Path, client: tuple[Path, Path] | None = None) -> 
                        "metrics": int(rt.addresses["metrics"].rsplit(":", 1)[1])}, anchor, client)
 
 
-def scan_ports(ports: dict[str, int], anchor: Path, client: tuple[Path, Path] | None = None) -> dict[str, ServerScanResult]:
+def scan_ports(ports: dict[str, int], anchor: Path,
+               client: tuple[Path, Path] | None = None) -> dict[str, ServerScanResult]:
     creds = ClientAuthenticationCredentials(certificate_chain_path=client[0], key_path=client[1]) if client else None
     requests = [
         ServerScanRequest(

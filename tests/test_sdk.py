@@ -257,7 +257,8 @@ def test_list_and_cancel_a_query_another_client_started(setup: Setup) -> None:
     thread = threading.Thread(target=other_client, daemon=True)
     thread.start()
     try:
-        out = setup.sdk({"call": "listActive", "sqlPreview": sql_text}, {"call": "cancelActive", "sqlPreview": sql_text})
+        out = setup.sdk({"call": "listActive", "sqlPreview": sql_text},
+                        {"call": "cancelActive", "sqlPreview": sql_text})
     finally:
         if thread.is_alive():  # the SDK did not cancel it: stop the work before failing
             with setup.http() as client:

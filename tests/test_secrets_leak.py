@@ -65,7 +65,8 @@ def variants(key: Issued) -> dict[str, bytes]:
     return {
         "truncated": b"".join(lines[:2]),
         "corrupted": lines[0] + body[:20] + (b"A" if body[20:21] != b"A" else b"B") + body[21:] + b"".join(lines[2:]),
-        "legacy-encrypted": lines[0] + b"Proc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n"
+        "legacy-encrypted": lines[0] + b"Proc-Type: 4,ENCRYPTED\n"
+                                       b"DEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n"
                             + b"".join(lines[1:]),
         "sec1-corrupted": sec1[0] + sec1[1][:30] + b"*" + sec1[1][31:] + b"".join(sec1[2:]),
     }

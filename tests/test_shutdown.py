@@ -141,7 +141,8 @@ def cpu_seconds(pid: int) -> float:
 def test_query_timeout_ends_the_query_on_both_protocols(tmp_path: Path, pki: Pki) -> None:
     work = write_workdir(tmp_path, rows=200_000)
     pod = (work / "spicepod.yaml").read_text()
-    (work / "spicepod.yaml").write_text(pod.replace("name: soak\n", "name: soak\nruntime:\n  query:\n    timeout: 1s\n"))
+    (work / "spicepod.yaml").write_text(pod.replace("name: soak\n",
+                                                    "name: soak\nruntime:\n  query:\n    timeout: 1s\n"))
     problems = []
     with run_spiced(work, "--tls-enabled", "true", "--tls-certificate-file", str(pki.server.cert),
                     "--tls-key-file", str(pki.server.key), timeout=60) as rt:

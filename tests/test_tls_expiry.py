@@ -115,7 +115,8 @@ def test_a_soon_expiring_certificate_is_in_metrics_logs_status_and_a_rotation_up
         rotate_pair(tmp_path / "server.crt", tmp_path / "server.key", expired)
         rt.wait_for_log("TLS certificate has expired", after=mark)
         [line] = expiry_lines(rt, mark)
-        assert re.search(r" ERROR runtime::tls: TLS certificate has expired; it is still served.*serial=" + serial(expired), line)
+        assert re.search(r" ERROR runtime::tls: TLS certificate has expired; it is still served.*serial="
+                         + serial(expired), line)
         assert status(rt, pki, verify=False)[0]["tls"]["certificate"]["serial"] == serial(expired)  # type: ignore[index]
 
 
@@ -131,7 +132,8 @@ def test_a_negative_threshold_is_refused_with_one_line(tmp_path: Path, pki: Pki)
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     cert.write_bytes(leaf.cert_pem)
     key.write_bytes(leaf.key_pem)
-    write_pod(tmp_path, TLS_POD.format(cert=cert, key=key, ca=pki.client_ca.cert, extra="    expiry_warning_days: -1\n"))
+    write_pod(tmp_path, TLS_POD.format(cert=cert, key=key, ca=pki.client_ca.cert,
+                                       extra="    expiry_warning_days: -1\n"))
     done = subprocess.run([sys.executable, "-m", "spiced", "--http", "127.0.0.1:0", "--flight", "127.0.0.1:0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1

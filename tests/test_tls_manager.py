@@ -100,11 +100,14 @@ def test_subject_line_is_the_reference_text(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize(("mode", "inline_ca", "expected"), [
-    ("request", False, "Public TLS client certificates: requested but optional (client_auth_mode=request); CA from file {ca}"),
+    ("request", False,
+     "Public TLS client certificates: requested but optional (client_auth_mode=request); CA from file {ca}"),
     ("required", False, "Public TLS client certificates: required (client_auth_mode=required); CA from file {ca}"),
-    ("required", True, "Public TLS client certificates: required (client_auth_mode=required); CA from inline PEM (spicepod / CLI)"),
+    ("required", True,
+     "Public TLS client certificates: required (client_auth_mode=required); CA from inline PEM (spicepod / CLI)"),
 ])
-def test_log_startup_lines(pki: Pki, caplog: pytest.LogCaptureFixture, mode: str, inline_ca: bool, expected: str) -> None:
+def test_log_startup_lines(pki: Pki, caplog: pytest.LogCaptureFixture, mode: str, inline_ca: bool,
+                           expected: str) -> None:
     if inline_ca:  # an inline CA goes with inline cert and key (config.py refuses the mix)
         settings = TlsSettings(MaterialSource("cli_inline", pem=pki.server.cert_pem),
                                MaterialSource("cli_inline", pem=pki.server.key_pem), mode,  # type: ignore[arg-type]

@@ -88,7 +88,8 @@ def test_fingerprint_is_the_first_8_bytes_of_sha256_in_hex_as_openssl_computes_i
                          capture_output=True, text=True, check=True).stdout
     openssl_hex = out.strip().split("=", 1)[1].replace(":", "").lower()
     assert pair.fingerprint == openssl_hex[:16]
-    assert pair.fingerprint == hashlib.sha256(pki.server.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+    assert pair.fingerprint == hashlib.sha256(
+        pki.server.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- valid material

@@ -193,7 +193,8 @@ def test_open_connection_keeps_its_certificate_and_keeps_working(r: Rig, v2: Iss
     import socket
 
     ctx = client_context(r.pki)
-    with socket.create_connection(("127.0.0.1", r.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+    with socket.create_connection(("127.0.0.1", r.port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(b"before\n")
         assert tls.recv(100).endswith(b"|before\n")
         rotate_pair(r.cert, r.key, v2)
@@ -278,7 +279,8 @@ def test_unreadable_file_keeps_the_old_certificate(r: Rig, caplog: pytest.LogCap
     assert record.fields == {"path": r.cert}  # type: ignore[attr-defined]
 
 
-def test_deleted_file_keeps_the_old_certificate_and_its_return_reloads(r: Rig, caplog: pytest.LogCaptureFixture) -> None:
+def test_deleted_file_keeps_the_old_certificate_and_its_return_reloads(r: Rig,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     saved = r.key.read_bytes()
     with caplog.at_level(logging.INFO, logger="runtime.tls.reload"):
         r.key.unlink()
@@ -320,9 +322,11 @@ def test_swap_log_line_names_path_fingerprint_and_scope(r: Rig, v2: Issued, capl
     [record] = caplog.records
     from spiced.tls.material import fingerprint
 
-    fp = fingerprint(v2.certificate.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER))
+    fp = fingerprint(v2.certificate.public_bytes(
+        __import__("cryptography").hazmat.primitives.serialization.Encoding.DER))
     assert SpiceFormatter().format(record).endswith(
-        f"  INFO runtime::tls::reload: TLS reload: swapped server certificate cert_path={r.cert} fingerprint={fp} scope=public")
+        f"  INFO runtime::tls::reload: TLS reload: swapped server certificate cert_path={r.cert} "
+        f"fingerprint={fp} scope=public")
     assert r.mgr.fingerprint == fp
 
 
@@ -427,7 +431,8 @@ def test_open_connection_survives_a_ca_change(pki: Pki, loop: LoopThread, tmp_pa
     r = rig(pki, loop, tmp_path, mode="required", profile="flight")
     assert r.ca is not None
     ctx = client_context(pki, pki.client)
-    with socket.create_connection(("127.0.0.1", r.port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+    with socket.create_connection(("127.0.0.1", r.port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(b"one\n")
         assert tls.recv(200).endswith(b"|one\n")
         replace_atomically(r.ca, pki.foreign_ca.cert_pem)
@@ -487,7 +492,8 @@ def test_no_key_bytes_in_any_log_output(pki: Pki, loop: LoopThread, tmp_path: Pa
             r.mgr.check_for_changes()
         write_in_place(r.cert, pki.server.cert_pem)
         for bad in (pki.client.key_pem, lines[0] + b"\n" + lines[1][::-1] + b"\n" + b"\n".join(lines[2:]),
-                    b"\n".join(lines[:-1]), pki.server.key_pem.replace(b"KEY-----", b"KEY-----\nProc-Type: 4,ENCRYPTED", 1)):
+                    b"\n".join(lines[:-1]),
+                    pki.server.key_pem.replace(b"KEY-----", b"KEY-----\nProc-Type: 4,ENCRYPTED", 1)):
             write_in_place(r.key, bad)
             r.mgr.check_for_changes()
         assert r.ca is not None

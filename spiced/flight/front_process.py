@@ -310,7 +310,8 @@ def main(argv: list[str]) -> int:
         return 0  # the runtime went away before the front could start
     assert isinstance(first, msg.Material)
     mirror = ContextMirror("flight", mode, *_load(first))
-    front = FlightTlsFront(socket.socket(fileno=listen_fd), backend_path, mirror.listener, peer_events=_TellRuntime(send))
+    front = FlightTlsFront(socket.socket(fileno=listen_fd), backend_path, mirror.listener,
+                           peer_events=_TellRuntime(send))
     try:
         front.start()
     except Exception as e:  # noqa: BLE001 - reported to the runtime, which fails its start with it

@@ -412,7 +412,7 @@ def param_values(parameters: pa.Table) -> Params | None:
         return None
     positional: list[tuple[int, pa.Scalar]] = []
     named: dict[str, pa.Scalar] = {}
-    for name, column in zip(parameters.column_names, parameters.columns):
+    for name, column in zip(parameters.column_names, parameters.columns, strict=True):
         index = _positional_index(name)
         if index is None:
             named[name] = column[0]

@@ -173,7 +173,8 @@ class SpiceFlightServer(flight.FlightServerBase):
 
     # ------------------------------------------------------------ RPCs
 
-    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def get_flight_info(self, context: flight.ServerCallContext,
+                        descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             self._begin(context)
             raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
@@ -195,7 +196,8 @@ class SpiceFlightServer(flight.FlightServerBase):
             text, values = bound.query()
             return self._query_info(descriptor, text, ticket, values)
         if sql.is_metadata(command):
-            return flight.FlightInfo(sql.result_schema(command), descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
+            return flight.FlightInfo(sql.result_schema(command), descriptor, [flight.FlightEndpoint(ticket, [])],
+                                     -1, -1)
         raise _Refusal(NOT_IMPLEMENTED, "unimplemented")
 
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
@@ -206,7 +208,8 @@ class SpiceFlightServer(flight.FlightServerBase):
             # traceback), so at least send the exact code.
             raise e.with_exact_code() from None
 
-    def _get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+    def _get_schema(self, context: flight.ServerCallContext,
+                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             self._begin(context)
             name = ".".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in descriptor.path)

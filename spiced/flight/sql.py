@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeAlias
 
 import pyarrow as pa
 from google.protobuf import any_pb2
@@ -63,7 +63,7 @@ class CorruptCommand:
     message: str
 
 
-Command = Union[RawSql, UnknownCommand, CorruptCommand, Message]
+Command: TypeAlias = RawSql | UnknownCommand | CorruptCommand | Message
 
 
 def pack(message: Message) -> bytes:
@@ -234,7 +234,8 @@ def tables(engine: Engine, cmd: pb.CommandGetTables) -> pa.Table:
     types = set(cmd.table_types)
     rows = sorted(
         (str(r["table_catalog"]), str(r["table_schema"]), str(r["table_name"]), str(r["table_type"]))
-        for r in _rows(engine, "SELECT table_catalog, table_schema, table_name, table_type FROM information_schema.tables"))
+        for r in _rows(engine,
+                       "SELECT table_catalog, table_schema, table_name, table_type FROM information_schema.tables"))
     rows = [r for r in rows
             if (not cmd.HasField("catalog") or r[0] == cmd.catalog)
             and (schema_pattern is None or schema_pattern.fullmatch(r[1]))
@@ -277,7 +278,7 @@ class Int32:
     value: int
 
 
-SqlInfoValue = Union[str, bool, int, Int32, list[str], dict[int, list[int]]]
+SqlInfoValue = str | bool | int | Int32 | list[str] | dict[int, list[int]]
 
 # Codes from the Flight SQL `SqlInfo` enum. Static: we are read-only, SQL-only, without transactions.
 SQL_INFO: dict[int, SqlInfoValue] = {
@@ -352,7 +353,7 @@ def sql_info(requested: list[int] | None = None) -> pa.Table:
             members[member].append(list(value.items()))
         else:
             members[member].append(value)
-    children = [pa.array(values, type=f.type) for values, f in zip(members, _SQL_INFO_MEMBERS)]
+    children = [pa.array(values, type=f.type) for values, f in zip(members, _SQL_INFO_MEMBERS, strict=True)]
     union = pa.UnionArray.from_dense(pa.array(type_ids, pa.int8()), pa.array(offsets, pa.int32()), children,
                                      [f.name for f in _SQL_INFO_MEMBERS])
     return pa.Table.from_arrays([pa.array(codes, pa.uint32()), union], schema=SQL_INFO_SCHEMA)

@@ -141,12 +141,12 @@ def render_table(names: list[str], columns: list[list[str]]) -> str:
     """The `+---+` bordered table: header, separator, rows, bottom border; cells left-aligned."""
     if not names:
         return ""
-    cells = [[name, *column] for name, column in zip(names, columns)]
+    cells = [[name, *column] for name, column in zip(names, columns, strict=False)]
     widths = [max(len(c) for c in column) for column in cells]
     border = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     lines = [border]
     for r in range(len(cells[0])):
-        lines.append("|" + "|".join(f" {column[r].ljust(w)} " for column, w in zip(cells, widths)) + "|")
+        lines.append("|" + "|".join(f" {column[r].ljust(w)} " for column, w in zip(cells, widths, strict=True)) + "|")
         if r == 0:
             lines.append(border)
     lines.append(border)
@@ -166,7 +166,7 @@ class TableEncoder:
 
     def batch(self, batch: pa.RecordBatch) -> Chunks:
         if batch.num_rows:
-            for cells, text in zip(self._columns, display_columns(batch, self._sql)):
+            for cells, text in zip(self._columns, display_columns(batch, self._sql), strict=False):
                 cells.extend("" if v is None else v for v in text.to_pylist())
         return []
 

@@ -64,7 +64,8 @@ def row_sql(columns: list[tuple[int, str, str, bool]]) -> str:
         fragments = []
         for index, name, kind, _ in columns:
             value, close = _value_sql(index, kind)
-            fragments.append(f"{sql_string(_key(name, kind))} || {value}" + (f" || {sql_string(close)}" if close else ""))
+            fragments.append(f"{sql_string(_key(name, kind))} || {value}"
+                             + (f" || {sql_string(close)}" if close else ""))
         return f"SELECT concat(',{{', concat_ws(',', {', '.join(fragments)}), '}}') FROM b"
     args: list[str] = []
     pending = ",{"
@@ -121,7 +122,7 @@ class JsonEncoder:
             return []
         columns = []
         printed: list[tuple[int, str, str, bool]] = []
-        for index, (field, column, kind) in enumerate(zip(self.schema, batch.columns, self._kinds)):
+        for index, (field, column, kind) in enumerate(zip(self.schema, batch.columns, self._kinds, strict=False)):
             if kind == "skip" or column.null_count == len(column):
                 columns.append(pa.nulls(len(column), pa.int8()))
                 continue
@@ -174,7 +175,8 @@ def small_rows_encoder(schema: pa.Schema) -> Callable[[pa.RecordBatch], str] | N
         formats.append(fmt)
 
     def encode(batch: pa.RecordBatch) -> str:
-        columns = [(key, fmt, column.to_pylist()) for key, fmt, column in zip(keys, formats, batch.columns)
+        columns = [(key, fmt, column.to_pylist())
+                   for key, fmt, column in zip(keys, formats, batch.columns, strict=False)
                    if fmt is not None]
         rows = []
         for r in range(batch.num_rows):

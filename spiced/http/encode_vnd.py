@@ -17,7 +17,7 @@ query failing on a late batch still gets its 400 rather than a cut 200.
 from __future__ import annotations
 
 import json
-from typing import Any, Final, Union
+from typing import Any, Final
 
 import pyarrow as pa
 
@@ -25,7 +25,7 @@ from .encode_json import JsonEncoder
 
 MEDIA_TYPE: Final = "application/vnd.spiceai.sql.v1+json"
 
-DataTypeJson = Union[str, dict[str, Any]]
+DataTypeJson = str | dict[str, Any]
 
 # arrow-rs DataType unit variants, serialized by serde as their bare names
 _SIMPLE: dict[pa.DataType, str] = {
@@ -75,7 +75,8 @@ def data_type_json(t: pa.DataType) -> DataTypeJson:
     if isinstance(t, pa.DictionaryType):
         return {"Dictionary": [data_type_json(t.index_type), data_type_json(t.value_type)]}
     if isinstance(t, pa.UnionType):
-        return {"Union": [[[code, field_json(f)] for code, f in zip(t.type_codes, t)], t.mode.capitalize()]}
+        return {"Union": [[[code, field_json(f)] for code, f in zip(t.type_codes, t, strict=True)],
+                          t.mode.capitalize()]}
     if isinstance(t, pa.RunEndEncodedType):
         return {"RunEndEncoded": [field_json(pa.field("run_ends", t.run_end_type, nullable=False)),
                                   field_json(pa.field("values", t.value_type))]}

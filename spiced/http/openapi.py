@@ -32,7 +32,8 @@ _ENVELOPE = {"type": "object", "required": ["row_count", "schema", "data"], "pro
 
 _DATASET = {"from": {"type": "string"}, "name": {"type": "string"}, "replication_enabled": {"type": "boolean"},
             "acceleration_enabled": {"type": "boolean"},
-            "status": {"type": "string", "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]},
+            "status": {"type": "string",
+                       "enum": ["Initializing", "Ready", "Disabled", "Error", "Refreshing", "ShuttingDown"]},
             "error": {"type": "string"}}
 _ACTIVE_QUERY = {"query_id": {"type": "string", "format": "uuid"},
                  "protocol": {"type": "string", "enum": ["http", "flight", "flightsql"]},
@@ -70,7 +71,8 @@ OPENAPI: dict[str, Any] = {
                         "content": {"application/json": {"schema": _ROWS},
                                     "text/csv": {"schema": {"type": "string"}},
                                     "text/plain": {"schema": {"type": "string"}},
-                                    "application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}},
+                                    "application/vnd.apache.arrow.stream": {"schema": {"type": "string",
+                                                                                       "format": "binary"}},
                                     "application/vnd.spiceai.sql.v1+json": {"schema": _ENVELOPE}}},
                 "400": {"description": "`Failed to execute query: <engine error>`, a body that is not UTF-8, or a JSON "
                                        "body or parameters that cannot be used",
@@ -90,9 +92,11 @@ OPENAPI: dict[str, Any] = {
         "/v1/sql/{query_id}/cancel": {"post": {
             "summary": "Cancel a running query (it ends within about a second; its client gets 499 or gRPC CANCELLED)",
             "parameters": [{"name": "query_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "The query was told to stop", "content": {"application/json": {"schema": {
-                "type": "object", "required": ["query_id", "status"], "properties": {
-                    "query_id": {"type": "string", "format": "uuid"}, "status": {"type": "string", "enum": ["cancelled"]}}}}}},
+            "responses": {"200": {"description": "The query was told to stop", "content": {
+                "application/json": {"schema": {
+                    "type": "object", "required": ["query_id", "status"], "properties": {
+                        "query_id": {"type": "string", "format": "uuid"},
+                        "status": {"type": "string", "enum": ["cancelled"]}}}}}},
                 "400": {"description": "`Invalid query_id (expected UUID): <parse error>`", "content": _ERROR},
                 "401": _UNAUTHORIZED,
                 "404": {"description": "`Active SQL query '<id>' not found`", "content": _ERROR},
@@ -103,15 +107,17 @@ OPENAPI: dict[str, Any] = {
                            {"name": "status", "in": "query", "required": False, "schema": {"type": "boolean"}},
                            {"name": "source", "in": "query", "required": False, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "Datasets", "content": {
-                "application/json": {"schema": _list_of(_DATASET, ["from", "name", "replication_enabled", "acceleration_enabled"])},
+                "application/json": {"schema": _list_of(_DATASET, ["from", "name", "replication_enabled",
+                                                                   "acceleration_enabled"])},
                 "text/csv": {"schema": {"type": "string"}}}},
                 "400": {"description": "Bad query string", "content": _TEXT}, "401": _UNAUTHORIZED}}},
         "/v1/datasets/{name}/acceleration/refresh": {"post": {
             "summary": "Reload an accelerated dataset now",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object", "properties": {
-                "refresh_sql": {"type": "string"}, "refresh_mode": {"type": "string", "enum": ["full", "append"]},
-                "refresh_jitter_max": {"type": "string"}}}}}},
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "refresh_sql": {"type": "string"}, "refresh_mode": {"type": "string", "enum": ["full", "append"]},
+                    "refresh_jitter_max": {"type": "string"}}}}}},
             "responses": {"201": {"description": "Refresh triggered", "content": _MESSAGE},
                           "400": {"description": "Dataset not accelerated", "content": _MESSAGE},
                           "401": _UNAUTHORIZED,

@@ -117,7 +117,8 @@ async def datasets(request: Request) -> Response:
                 item["error"] = current.error
         items.append(item)
     if csv_format:
-        header = ["from", "name", "replication_enabled", "acceleration_enabled"] + (["status", "error"] if with_status else [])
+        header = (["from", "name", "replication_enabled", "acceleration_enabled"]
+                  + (["status", "error"] if with_status else []))
         return csv_response(header, items)
     return json_response(items)
 
