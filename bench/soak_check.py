@@ -171,7 +171,9 @@ def _check_server_probes(report: PhaseReport, applied: list[Applied], records: l
             if first is None:
                 report.failures.append(f"{a.step.label}: never served on {listener}")
                 continue
-            report.delays.setdefault(listener, []).append(first.ended - a.rotated)
+            # To the handshake that was served the new certificate, not to the end of its request
+            # (which on a loaded HTTP listener waits its turn behind the load).
+            report.delays.setdefault(listener, []).append((first.handshaked or first.ended) - a.rotated)
     for listener, delays in report.delays.items():
         if max(delays) > POLL + DELAY_SLACK:
             report.failures.append(f"{listener}: a rotation took {max(delays):.2f} s to reach a new handshake")

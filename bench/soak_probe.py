@@ -35,18 +35,22 @@ class ProbeRecord:
     ended: float
     serial: int | None  # None: the connection was refused
     error: str | None
+    handshaked: float | None = None  # when the TLS handshake completed (the served certificate is known)
 
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
-def probe_once(target: ProbeTarget, ctx: ssl.SSLContext, timeout: float = 15.0) -> tuple[int | None, str | None]:
+def probe_once(target: ProbeTarget, ctx: ssl.SSLContext, timeout: float = 15.0,
+               handshaked: list[float] | None = None) -> tuple[int | None, str | None]:
     """One fresh connection: full handshake, then one request (HTTP) or the h2 preface (Flight) and
     an answer read back, because under TLS 1.3 a refused client certificate shows only on the first
     read. Returns (served serial, None) or (None, reason refused)."""
     try:
         with socket.create_connection(("127.0.0.1", target.port), timeout=timeout) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            if handshaked is not None:
+                handshaked.append(time.monotonic())
             der = tls.getpeercert(binary_form=True)
             assert der is not None
             serial = x509.load_der_x509_certificate(der).serial_number
@@ -109,9 +113,10 @@ class Probe:
 
     @staticmethod
     def once(target: ProbeTarget, who: str, ctx: ssl.SSLContext) -> ProbeRecord:
-        started = time.monotonic()
-        serial, error = probe_once(target, ctx)
-        return ProbeRecord(target.listener, who, started, time.monotonic(), serial, error)
+        started, handshaked = time.monotonic(), []
+        serial, error = probe_once(target, ctx, handshaked=handshaked)
+        return ProbeRecord(target.listener, who, started, time.monotonic(), serial, error,
+                           handshaked[0] if handshaked else None)
 
     def record(self, rec: ProbeRecord) -> None:
         with self._lock:
