@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -188,7 +189,7 @@ def rotate(spec: PhaseSpec, layout: Layout, steps: Iterator[Step], rt: Runtime, 
         before = counter.read()
         log_from = len(rt.logs())
         layout.apply(step.changes)
-        rotated = time.monotonic()
+        rotated, rotated_wall = time.monotonic(), time.time()
         report.rotations[step.expect] += 1
         report.expected[step.expect] += 1
         seen = wait_until(lambda s=step, b=before: counter.read().get(s.expect, 0) > b.get(s.expect, 0), STEP_TIMEOUT)
@@ -202,9 +203,21 @@ def rotate(spec: PhaseSpec, layout: Layout, steps: Iterator[Step], rt: Runtime, 
         extras = {k: v for k, v in extras.items() if v}
         applied.append(Applied(step, rotated, counted, log_from, extras))
         if step.expect == "ok":
+            swapped = _swap_logged(rt, log_from)
+            if swapped is not None:
+                report.swaps.append(swapped - rotated_wall)
             # the next rotation starts once the probe has seen this one on every listener
             wait_until(lambda s=step, r=rotated: _seen_everywhere(probe, s, r), STEP_TIMEOUT)
     return applied
+
+
+def _swap_logged(rt: Runtime, log_from: int) -> float | None:
+    """Wall-clock time of the runtime's first `TLS reload: swapped` line after `log_from`."""
+    for line in rt.logs()[log_from:]:
+        if "TLS reload: swapped" in line:
+            stamp = datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            return stamp.timestamp()
+    return None
 
 
 def _seen_everywhere(probe: Probe, step: Step, rotated: float) -> bool:
@@ -275,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== total")
     print(f"  requests and streams sent: {sent}, failed: {failed}")
     print(f"  rotations counted by runtime_tls_reload_total: {dict(sorted(rot.items()))}")
+    swaps = [d for r in reports for d in r.swaps]
+    if swaps:
+        print(f"  delay rotation -> swap logged by the runtime: {describe(swaps)}")
     if every:
         print(f"  delay rotation -> first handshake that saw it, all listeners: {describe(every)}")
     print(f"  result: {'PASS' if problems == 0 else f'FAIL ({problems} problems)'}")

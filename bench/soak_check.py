@@ -47,6 +47,7 @@ class PhaseReport:
     extras: Counter[str] = field(default_factory=Counter)
     handshakes: dict[str, Counter[str]] = field(default_factory=dict)  # serial/outcome -> listener -> n
     delays: dict[str, list[float]] = field(default_factory=dict)  # listener -> each rotation's delay
+    swaps: list[float] = field(default_factory=list)  # each valid rotation -> the runtime's swap line
     failures: list[str] = field(default_factory=list)
     rotations: Counter[str] = field(default_factory=Counter)
 
@@ -78,6 +79,8 @@ class PhaseReport:
         for what, per_listener in self.handshakes.items():
             cells = "  ".join(f"{k} {v:>5}" for k, v in sorted(per_listener.items()))
             p(f"    {what:44} {cells}")
+        if self.swaps:
+            p(f"  delay rotation -> swap logged by the runtime: {describe(self.swaps)}")
         delays = ", ".join(f"{k} {describe(v)}" for k, v in sorted(self.delays.items()))
         p(f"  delay rotation -> first handshake that saw it: {delays}  (bound {POLL + DELAY_SLACK:.1f} s)")
         p("  failures: " + ("none" if not self.failures else ""))

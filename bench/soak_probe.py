@@ -97,16 +97,19 @@ class Probe:
     (see `probe_contexts`)."""
 
     def __init__(self, targets: list[ProbeTarget], clients: dict[str, dict[str, ssl.SSLContext]],
-                 gap: float = 0.02) -> None:
+                 gap: float = 0.02, parallel: int = 3) -> None:
         self._targets, self._clients, self._gap = targets, clients, gap
         self.records: list[ProbeRecord] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(t, who, contexts[t.alpn]),
-                                          name=f"soak-probe-{who}-{t.listener}", daemon=True)
-                         for who, contexts in clients.items() for t in targets]
+        # Several staggered probes per target: a rotation's first new handshake is then not held
+        # back by a probe that started just before it and is still waiting behind the load.
+        self._threads = [threading.Thread(target=self._run, args=(t, who, contexts[t.alpn], n * gap),
+                                          name=f"soak-probe-{who}-{t.listener}-{n}", daemon=True)
+                         for who, contexts in clients.items() for t in targets for n in range(parallel)]
 
-    def _run(self, target: ProbeTarget, who: str, ctx: ssl.SSLContext) -> None:
+    def _run(self, target: ProbeTarget, who: str, ctx: ssl.SSLContext, delay: float = 0.0) -> None:
+        self._stop.wait(delay)
         while not self._stop.is_set():
             self.record(self.once(target, who, ctx))
             self._stop.wait(self._gap)

@@ -23,7 +23,7 @@ log = logging.getLogger("runtime.tls.reload")
 
 # After the filesystem reports a change, wait until it has been quiet this long before reading, so a
 # certificate and key written one after the other are read as a pair (watchfiles' `step`).
-SETTLE_MS = 30
+SETTLE_MS = 15
 _GROUP_MS = 300  # ... but never group changes for longer than this (watchfiles' `debounce`)
 
 Stamp = tuple[int, int, int, int, int]
