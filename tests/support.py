@@ -221,6 +221,14 @@ def spiced_fails(workdir: Path, *args: str, env: dict[str, str] | None = None, t
     return Failed(done.returncode, ANSI.sub("", done.stderr))
 
 
+def rss_bytes(rt: Runtime) -> int:
+    """The runtime process's resident memory."""
+    for line in Path(f"/proc/{rt.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def server_peers(rt: Runtime) -> dict[int, int]:
     """The TCP connections the server process still holds open on its HTTP port: the client's port
     and the bytes the server has written that the client has not taken (the socket's send queue)."""

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,6 @@ import pyarrow.flight as fl
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf import any_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from spiced.auth import ApiKeys
 from spiced.config import load_config
@@ -36,49 +32,12 @@ from spiced.flight.service import SpiceFlightServer
 from spiced.identity import ClientIdentity
 from spiced.metrics import Metrics
 from spiced.state import RuntimeState
-from spiced.tls.manager import TlsManager
+from tests.flight_rig import KEY, TRIPS, clean, make_state, mtls_backend, serving, value
 from tests.pki import Pki
 from tests.support import write_pod
-from tests.tlsprobe import file_settings, wait_for
+from tests.tlsprobe import wait_for
 
-POD = """\
-version: v1
-kind: Spicepod
-name: flighttest
-datasets:
-  - from: file:trips.csv
-    name: trips
-    acceleration:
-      enabled: true
-views:
-  - name: seattle_trips
-    sql: SELECT * FROM trips WHERE city = 'Seattle'
-"""
-TRIPS = pa.schema([("id", pa.int64()), ("city", pa.string()), ("fare", pa.float64())])
 MID_STREAM_FAILURE = b"SELECT 10 / (value - 1500000) AS x FROM generate_series(1, 2000000)"
-KEY = "s3cret-key"
-
-
-def make_state(workdir: Path, keys: tuple[str, ...] = (), *, tls: TlsManager | None = None,
-               metrics: Metrics | None = None) -> RuntimeState:
-    write_pod(workdir, POD)
-    config = load_config([], workdir=workdir)
-    metrics = metrics or Metrics()
-    engine = Engine(config.spicepod, metrics)
-    engine.register_all()
-    asyncio.run(engine.load_all())
-    assert engine.ready()
-    return RuntimeState(config, engine, metrics, ApiKeys(keys), tls=tls)
-
-
-@contextmanager
-def serving(state: RuntimeState, location: str = "grpc://127.0.0.1:0", **kw: Any) -> Iterator[SpiceFlightServer]:
-    server = SpiceFlightServer(location, state, **kw)
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +55,6 @@ def server(state: RuntimeState) -> Iterator[SpiceFlightServer]:
 def client(server: SpiceFlightServer) -> Iterator[fl.FlightClient]:
     with fl.connect(f"grpc://127.0.0.1:{server.port}") as c:
         yield c
-
-
-def samples(metrics: Metrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Samples of `name` by label set; a counter matches with or without the exporter's `_total`."""
-    out: dict[tuple[tuple[str, str], ...], float] = {}
-    for family in text_string_to_metric_families(metrics.exposition().body.decode()):
-        for s in family.samples:
-            if s.name in (name, f"{name}_total"):  # the exporter fills labels a series lacks with "": drop them
-                out[tuple(sorted((k, v) for k, v in s.labels.items() if v))] = s.value
-    return out
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return samples(metrics, name).get(tuple(sorted(labels.items())), 0.0)
-
-
-def clean(text: str) -> None:
-    assert "Traceback" not in text and "Python exception" not in text, text
 
 
 def flight_sql_info(client: fl.FlightClient, message: Any, **kw: Any) -> pa.Table:
@@ -509,33 +450,6 @@ def test_identity_of_the_peer_reaches_the_call_record(state: RuntimeState, caplo
     assert peers and peers[0].startswith("ipv4:127.0.0.1:")
     lines = [r for r in caplog.records if r.getMessage() == "Flight call" and r.fields["method"] == "do_get"]  # type: ignore[attr-defined]
     assert lines and lines[-1].fields["client_subject"] == f'"{identity.subject}"'  # type: ignore[attr-defined]
-
-
-@dataclass
-class MtlsBackend:
-    """What a TLS front in `request` mode stands on: material, runtime state, the Flight server's
-    private unix socket path and the public listener."""
-
-    pki: Pki
-    metrics: Metrics
-    manager: TlsManager
-    state: RuntimeState
-    sock_path: str
-    listener: socket.socket
-
-
-def mtls_backend(tmp_path: Path) -> MtlsBackend:
-    pki = Pki.create(tmp_path / "pki")
-    metrics = Metrics()
-    manager = TlsManager.create(file_settings(pki, pki.server.cert, pki.server.key, "request", pki.client_ca.cert),
-                                metrics)
-    state = make_state(tmp_path / "pod", tls=manager, metrics=metrics)
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    return MtlsBackend(pki, metrics, manager, state, str(private / "flight.sock"), listener)
 
 
 def test_mtls_behind_the_front_counts_identified_and_anonymous_calls(tmp_path: Path,

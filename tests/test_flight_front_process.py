@@ -27,9 +27,9 @@ from spiced.identity import ClientIdentity
 from spiced.metrics import Metrics
 from spiced.runtime import DRAIN_SECONDS
 from spiced.tls.manager import TlsManager
+from tests.flight_rig import mtls_backend, serving, value
 from tests.pki import Pki
 from tests.support import Runtime, run_spiced, write_pod
-from tests.test_flight import mtls_backend, serving, value
 from tests.tlsprobe import file_settings, replace_atomically, wait_for
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from spiced.flight.service import SpiceFlightServer
 from spiced.state import RuntimeState
-from tests.test_flight import KEY, TRIPS, make_state, serving
+from tests.flight_rig import KEY, TRIPS, make_state, serving
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pytest
 from spiced.flight import flight_sql_pb2 as pb
 from spiced.flight import prepared, sql
 from spiced.flight.service import SpiceFlightServer
+from tests.flight_rig import clean, make_state, serving
 from tests.jsclient import run_sdk
-from tests.test_flight import clean, make_state, serving
 
 PORTLAND = (2, "Portland", 8.25)
 SEATTLE = [(1, "Seattle", 12.5), (3, "Seattle", 30.0)]

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Runtime, run_tls_target, server_peers, write_pod
+from tests.support import Runtime, rss_bytes, run_tls_target, server_peers, write_pod
 from tests.tlsprobe import wait_for
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -167,13 +167,6 @@ def alive(client: httpx.Client) -> None:
     r = client.post("/v1/sql", content=b"SELECT count(*) AS n FROM trips")
     assert (r.status_code, r.json()) == (200, [{"n": 3}])
     assert time.monotonic() - started < 5.0
-
-
-def rss_bytes(rt: Runtime) -> int:
-    for line in Path(f"/proc/{rt.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 # ------------------------------------------------------------------------------ SQL bodies

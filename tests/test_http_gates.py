@@ -17,9 +17,9 @@ from pyarrow import ipc
 from spiced.config import ClientAuthMode
 from spiced.metrics import Metrics
 from spiced.tls.manager import TlsManager
+from tests.http_rig import ApiServer, api_server, curl, make_state, sample_value
 from tests.pki import Issued, Pki
 from tests.support import write_pod
-from tests.test_http_api import ApiServer, api_server, curl, make_state, sample_value
 from tests.tlsprobe import LoopThread, file_settings, wait_for
 
 KEYS = ("key-one", "key-two")

@@ -18,8 +18,8 @@ import h2.settings
 import pytest
 
 from spiced.http import hypercorn_patches
+from tests.http_rig import ApiServer, api_server, make_state, sample_value
 from tests.support import write_pod
-from tests.test_http_api import ApiServer, api_server, make_state, sample_value
 from tests.tlsprobe import LoopThread, wait_for
 
 BIG = b"SELECT value, 'padding-padding-padding-padding' AS p FROM generate_series(1, 20000000)"  # ~1 GB of CSV

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from spiced.flight import flight_sql_pb2 as pb
 from spiced.flight import sql
 from tests.pki import Pki
+from tests.query_rig import ENDLESS, assert_stopped, find, flight_read, flight_ticket, long_sql
 from tests.support import Runtime, run_spiced, write_pod
-from tests.test_active_queries import ENDLESS, assert_stopped, find, flight_read, flight_ticket, long_sql
 from tests.tlsprobe import wait_for
 
 PROTOCOLS = ("http", "flight", "flightsql")

@@ -52,7 +52,7 @@ from spiced.http.body import BODY_SECONDS
 from spiced.http.server import make_config
 from spiced.runtime import DRAIN_SECONDS
 from tests.pki import Pki
-from tests.support import Runtime, run_spiced, server_peers, write_pod
+from tests.support import Runtime, rss_bytes, run_spiced, server_peers, write_pod
 
 KEEP_ALIVE = float(make_config(None).keep_alive_timeout)  # 15 s
 MARGIN = 5.0
@@ -82,13 +82,6 @@ def start(workdir: Path, pki: Pki) -> Iterator[Runtime]:
 
 
 # ------------------------------------------------------------------------------ observing the server
-
-
-def rss_bytes(rt: Runtime) -> int:
-    for line in Path(f"/proc/{rt.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def tls_context(pki: Pki) -> ssl.SSLContext:
