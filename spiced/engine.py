@@ -92,13 +92,13 @@ class DatasetState:
     error: str | None = None
 
 
+Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
+
 # Results leave as Utf8, Binary and List, never as view types (Utf8View, BinaryView): many
 # clients cannot decode views (apache-arrow in JS, used by the official Spice SDK, fails with
 # "Unrecognized type ... (24)"). Parquet is read and SQL string types are planned without views, so
 # nothing is converted; a view that a query still yields (`arrow_cast(x, 'Utf8View')`) is cast once
 # per batch by `QueryStream`.
-Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
-
 PLAIN_ARROW_TYPES = {
     "datafusion.execution.parquet.schema_force_view_types": "false",
     "datafusion.sql_parser.map_string_types_to_utf8view": "false",

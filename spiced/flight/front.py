@@ -238,14 +238,12 @@ class FlightTlsFront:
 
     def _finished(self, pipe: _Pipe) -> None:
         self._pipes.discard(pipe)
-        if pipe.peer is not None and self._peers.pop(pipe.peer, _ABSENT) is not _ABSENT:
+        if pipe.peer is not None and pipe.peer in self._peers:  # announced, and not yet forgotten
+            del self._peers[pipe.peer]
             if self._peer_events is not None:
                 self._peer_events.closed(pipe.peer)
         if not self._pipes and self._no_pipes is not None:
             self._no_pipes.set()
-
-
-_ABSENT: Any = object()
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
