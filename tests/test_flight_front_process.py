@@ -39,10 +39,13 @@ def front_pids(rt: Runtime) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    """Whether any thread of `pid` still runs. A killed process's main thread can show as a zombie
+    while its other threads are still exiting, and those still hold its sockets."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+    return any(state not in ("Z", "X") for state in states)
 
 
 def select_1(rt: Runtime, pki: Pki, **cert: bytes) -> list[dict[str, int]]:
