@@ -28,117 +28,42 @@ rotation and the first handshake that saw it. Exit status 1 if anything failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from bench.soak_check import POLL, Applied, PhaseReport, check_phase, describe, matches
-from bench.soak_load import (
-    FlightLoad,
-    FlightTarget,
-    H2loadLoop,
-    HttpxH2Load,
-    Load,
-    PyHttpLoad,
-    Stunnel,
-    Wrk,
-    wait_until,
-)
-from bench.soak_plan import (
+from bench.soak_load import H2loadLoop, HttpxH2Load, Stunnel, Wrk
+from tests.pki import Pki
+from tests.soak_rig import (
     CA_INVALID,
-    FLIGHT_SQL,
+    POLL,
     SERVER_INVALID,
-    Layout,
     PhaseSpec,
-    Step,
-    ca_plan,
-    server_plan,
+    describe,
+    flight_streams,
+    python_http_load,
+    run_phase,
     write_workdir,
 )
-from bench.soak_probe import (
-    Probe,
-    ReloadCounter,
-    client_ctx,
-    probe_contexts,
-    probe_targets,
-)
-from tests.pki import Pki
-from tests.support import Runtime, run_spiced
-
-STEP_TIMEOUT = 2 * POLL + 8.0  # a rotation not counted by then is a failure
+from tests.soak_traffic import Load
+from tests.support import Runtime
 
 
-def run_phase(spec: PhaseSpec, pki: Pki, work: Path) -> PhaseReport:
-    report = PhaseReport(spec)
-    started = time.monotonic()
-    files = {"tls.crt": pki.server.cert_pem, "tls.key": pki.server.key_pem}
-    flags = ["--tls-enabled", "true"]
-    if spec.kind == "client_ca":
-        files["ca.crt"] = pki.client_ca.cert_pem
-    layout = Layout(work / f"material-{spec.layout}-{spec.kind}", spec.layout, files)
-    flags += ["--tls-certificate-file", str(layout.path("tls.crt")), "--tls-key-file", str(layout.path("tls.key"))]
-    if spec.kind == "client_ca":
-        flags += ["--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(layout.path("ca.crt"))]
-    steps = (server_plan(pki, spec.valid, spec.invalid, spec.layout) if spec.kind == "server"
-             else ca_plan(pki, spec.valid, spec.invalid, spec.layout))
-    with run_spiced(work, *flags, metrics=True, timeout=120) as rt, ExitStack() as stack:
-        counter = ReloadCounter(rt.metrics_url.replace("127.0.0.1", "localhost"), pki.ca.cert)
-        stack.callback(counter.close)
-        mtls = spec.kind == "client_ca"
-        client = (pki.client.cert, pki.client.key) if mtls else (None, None)
-        targets = probe_targets(rt.http_port, rt.flight_port, int(rt.addresses["metrics"].rsplit(":", 1)[1]))
-        clients = {"client" if mtls else "-": probe_contexts(pki.ca.cert, *client)}
-        if mtls:
-            clients["foreign"] = probe_contexts(pki.ca.cert, pki.foreign_client.cert, pki.foreign_client.key)
-        probe = Probe(targets, clients)
-        loads = start_loads(spec, rt, pki, stack, mtls)
-        running = list(loads)  # stopped on the way out if the phase ends early (wrk would run on)
-        stack.callback(lambda: [load.stop() for load in running])
-        probe.start()
-        stack.callback(probe.stop)
-        flight_load = next((load for load in loads if isinstance(load, FlightLoad)), None)
-        applied = rotate(spec, layout, steps, rt, counter, probe, report, flight_load)
-        windows = [(a.rotated, a.counted) for a in applied if a.step.expect == "ok"]
-        if flight_load is not None and windows:
-            # Rotations are seen within milliseconds, so the phase can end while the slow stream
-            # started before the first one still runs: let it finish (stopping would cancel it).
-            wait_until(lambda: flight_load.spanning(windows)["slow"] > 0, flight_load.slow_seconds + 15)
-        probe.stop()
-        report.loads = [load.stop() for load in loads]
-        running.clear()
-        for load in loads:
-            if isinstance(load, FlightLoad):
-                spanning = load.spanning(windows)
-                load.result.detail += f"; streams running across a swap: {dict(spanning) or 0}"
-                if windows and not spanning["slow"]:
-                    report.failures.append("no slow Flight stream ran across a rotation")
-            elif isinstance(load, HttpxH2Load):
-                spanned = load.spanning(windows)
-                load.result.detail += f"; long-lived conn across {spanned} of {len(windows)} swaps"
-                if spanned < len(windows):
-                    report.failures.append(f"{load.name}: the long-lived h2 connection ran across only "
-                                           f"{spanned} of {len(windows)} rotations")
-        report.counts = counter.read()
-        check_phase(spec, report, applied, probe.records, rt, pki)
-    report.seconds = time.monotonic() - started
-    for r in report.loads:
-        if r.failed:
-            report.failures.append(f"{r.name}: {r.failed} failed of {r.sent}")
-    return report
-
-
-def start_loads(spec: PhaseSpec, rt: Runtime, pki: Pki, stack: ExitStack, mtls: bool) -> list[Load]:
+def soak_loads(spec: PhaseSpec, rt: Runtime, pki: Pki, stack: ExitStack,
+               http_load: Literal["wrk", "python"]) -> list[Load]:
+    """The full soak's loads (tests.soak_rig.run_phase starts them): HTTP/1.1 from wrk or Python,
+    HTTP/2 from h2load and httpx, and Flight DoGet streams."""
+    mtls = spec.kind == "client_ca"
     loads: list[Load] = []
     cert, key = (pki.client.cert, pki.client.key) if mtls else (None, None)
-    if spec.http_load == "wrk":
+    if http_load == "wrk":
         url = rt.http_url
         if mtls:
             tunnel = Stunnel(rt.http_port, pki.ca.cert, pki.client.cert, pki.client.key)
@@ -148,98 +73,32 @@ def start_loads(spec: PhaseSpec, rt: Runtime, pki: Pki, stack: ExitStack, mtls: 
         loads += [Wrk(f"wrk /v1/sql, 16 keep-alive conns{via}", url + "/v1/sql", connections=16),
                   Wrk(f"wrk /v1/sql, new conn per request{via}", url + "/v1/sql", connections=2, new_connections=True)]
     else:
-        loads.append(PyHttpLoad("python /v1/sql, 16 keep-alive + 2 new-conn", rt.http_port,
-                                client_ctx(pki.ca.cert, cert, key), keepalive=16, fresh=2))
-    if spec.h2load:
-        if not mtls:  # h2load presents no client certificate, and through stunnel it would get no ALPN
-            loads.append(H2loadLoop("h2load /v1/sql over h2, new conns per round", rt.http_url + "/v1/sql"))
-        # the client certificate is the load's own (pki.client), as for wrk/stunnel and Flight: its CA
-        # is in every bundle the CA rotations install, so it must be accepted throughout
-        loads.append(HttpxH2Load(f"httpx h2 long-lived + new conns{', client cert' if mtls else ''}",
-                                 rt.http_url + "/v1/sql", pki.ca.cert, cert, key))
+        loads.append(python_http_load(spec, rt, pki))
+    if not mtls:  # h2load presents no client certificate, and through stunnel it would get no ALPN
+        loads.append(H2loadLoop("h2load /v1/sql over h2, new conns per round", rt.http_url + "/v1/sql"))
+    # the client certificate is the load's own (pki.client), as for wrk/stunnel and Flight: its CA
+    # is in every bundle the CA rotations install, so it must be accepted throughout
+    loads.append(HttpxH2Load(f"httpx h2 long-lived + new conns{', client cert' if mtls else ''}",
+                             rt.http_url + "/v1/sql", pki.ca.cert, cert, key))
     if spec.flight:
-        target = FlightTarget(rt.flight_uri.replace("127.0.0.1", "localhost"), pki.ca.cert_pem,
-                              pki.client.cert_pem if mtls else None, pki.client.key_pem if mtls else None)
-        loads.append(FlightLoad("flight DoGet streams", target, FLIGHT_SQL, spec.rows,
-                                spec.rows * (spec.rows - 1) // 2))
-    for i, load in enumerate(loads):
-        try:
-            load.start()
-        except BaseException:
-            for started in loads[:i]:
-                started.stop()
-            raise
+        loads.append(flight_streams(spec, rt, pki))
     return loads
-
-
-def rotate(spec: PhaseSpec, layout: Layout, steps: Iterator[Step], rt: Runtime, counter: ReloadCounter,
-           probe: Probe, report: PhaseReport, flight_load: FlightLoad | None) -> list[Applied]:
-    applied: list[Applied] = []
-    # let the load reach steady state before the first rotation, and see the initial certificate
-    wait_until(lambda: len(probe.snapshot()) >= 3 * probe.streams, 30)
-    valid = 0
-    for step in steps:
-        if step.expect == "ok":
-            valid += 1
-            if flight_load is not None and valid % 4 == 1:
-                # Every fourth valid rotation (the first included) lands just after a slow Flight
-                # stream started, so at least one stream certainly runs across a swap; the others
-                # fall wherever the streams happen to be.
-                wait_until(flight_load.slow_stream_young, 30, interval=0.01)
-        before = counter.read()
-        log_from = len(rt.logs())
-        layout.apply(step.changes)
-        rotated, rotated_wall = time.monotonic(), time.time()
-        report.rotations[step.expect] += 1
-        report.expected[step.expect] += 1
-        seen = wait_until(lambda s=step, b=before: counter.read().get(s.expect, 0) > b.get(s.expect, 0), STEP_TIMEOUT)
-        counted = time.monotonic()
-        if not seen:
-            report.failures.append(f"{step.label}: not counted as {step.expect} within {STEP_TIMEOUT:.0f} s "
-                                   f"(counts {counter.read()}, before {before})")
-            continue
-        after = counter.read()
-        extras = {k: after.get(k, 0) - before.get(k, 0) - (k == step.expect) for k in after}
-        extras = {k: v for k, v in extras.items() if v}
-        applied.append(Applied(step, rotated, counted, log_from, extras))
-        if step.expect == "ok":
-            swapped = _swap_logged(rt, log_from)
-            if swapped is not None:
-                report.swaps.append(swapped - rotated_wall)
-            # the next rotation starts once the probe has seen this one on every listener
-            wait_until(lambda s=step, r=rotated: _seen_everywhere(probe, s, r), STEP_TIMEOUT)
-    return applied
-
-
-def _swap_logged(rt: Runtime, log_from: int) -> float | None:
-    """Wall-clock time of the runtime's first `TLS reload: swapped` line after `log_from`."""
-    for line in rt.logs()[log_from:]:
-        if "TLS reload: swapped" in line:
-            stamp = datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-            return stamp.timestamp()
-    return None
-
-
-def _seen_everywhere(probe: Probe, step: Step, rotated: float) -> bool:
-    seen = {r.listener for r in probe.snapshot() if r.started >= rotated and matches(r, step)}
-    wanted = {"http", "flight", "metrics"} if step.serial is not None else {"http", "flight"}
-    return wanted <= seen
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def phases(valid: int, http_load: Literal["wrk", "python"]) -> list[PhaseSpec]:
+def phases(valid: int) -> list[PhaseSpec]:
     half = (valid + 1) // 2
     return [
         PhaseSpec("server certificate, atomic rename of plain files", "server", "plain", half,
-                  SERVER_INVALID[:4], http_load),
+                  SERVER_INVALID[:4]),
         PhaseSpec("server certificate, kubelet ..data symlink swap", "server", "kubelet", valid - half,
-                  SERVER_INVALID[4:], http_load),
+                  SERVER_INVALID[4:]),
         PhaseSpec("client CA bundle (mTLS required), atomic rename", "client_ca", "plain", half,
-                  CA_INVALID[:3], http_load),
+                  CA_INVALID[:3]),
         PhaseSpec("client CA bundle (mTLS required), kubelet ..data swap", "client_ca", "kubelet", valid - half,
-                  CA_INVALID[3:], http_load),
+                  CA_INVALID[3:]),
     ]
 
 
@@ -274,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     with workdir() as work:
         write_workdir(work)
         pki = Pki.create(work / "pki")
-        for spec in phases(valid, http_load):
-            report = run_phase(spec, pki, work)
+        loads = functools.partial(soak_loads, http_load=http_load)
+        for spec in phases(valid):
+            report = run_phase(spec, pki, work, loads)
             report.print()
             reports.append(report)
     sent, failed = sum(r.sent for r in reports), sum(r.failed for r in reports)

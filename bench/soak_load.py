@@ -1,17 +1,18 @@
-"""Traffic for the soak: the load generators.
+"""Traffic for the full soak: the load generators that need more than Python and pyarrow (the
+others, Python's http.client and pyarrow Flight, are in tests/soak_traffic.py, shared with the
+soak's fast variant among the tests).
 
 Everything here is a real client of the real runtime on loopback: wrk and h2load (Debian), stunnel
-(so wrk can present a client certificate under mTLS), Python's http.client, httpx over HTTP/2 (in
-a child process; it presents the client certificate where h2load cannot), and pyarrow Flight.
-Each generator runs until `stop()` and reports what it sent and what failed; nothing retries, so a
-request lost during a rotation shows up as a failure.
+(so wrk can present a client certificate under mTLS), and httpx over HTTP/2 (in a child process; it
+presents the client certificate where h2load cannot). Each generator runs until `stop()` and
+reports what it sent and what failed; nothing retries, so a request lost during a rotation shows up
+as a failure.
 
     load = Wrk("wrk", url, connections=16); load.start(); ...; load.stop()  # -> LoadResult
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -24,49 +25,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import suppress
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
-import pyarrow.compute as pc
-from pyarrow import flight
-
-SQL_BODY = b"SELECT count(*) FROM trips"
-MAX_ERRORS_KEPT = 5
-
-
-@dataclass
-class LoadResult:
-    name: str
-    sent: int = 0
-    failed: int = 0
-    detail: str = ""
-    errors: list[str] = field(default_factory=list)
-
-    def fail(self, message: str) -> None:
-        self.failed += 1
-        if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(message)
-
-
-class Load(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> LoadResult: ...
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll `predicate` until it holds (True) or `timeout` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+from tests.soak_traffic import MAX_ERRORS_KEPT, SQL_BODY, LoadResult
+from tests.tlsprobe import TimedOut, wait_for
 
 
 def free_port() -> int:
@@ -149,6 +113,9 @@ class Wrk:
                                  f"timeout={s['timeout']}, statuses {s['statuses']}")
         return result
 
+    def across(self, windows: list[tuple[float, float]]) -> list[str]:
+        return []  # every socket error and non-2xx status is already counted as failed
+
 
 # ------------------------------------------------------------------------------------------- h2load
 
@@ -201,6 +168,9 @@ class H2loadLoop:
         self.result.detail = f"{self._rounds} rounds of new h2 connections"
         return self.result
 
+    def across(self, windows: list[tuple[float, float]]) -> list[str]:
+        return []  # every round is new connections: none runs across a rotation
+
 
 # ---------------------------------------------------------------------------------- Python HTTP/2
 
@@ -241,7 +211,8 @@ class HttpxH2Load:
                                 stdout=self._log, stderr=subprocess.STDOUT)
         self._proc = proc
         # both loops have had a response (or the child died): the load runs before the first rotation
-        wait_until(lambda: self._ready.exists() or proc.poll() is not None, 60)
+        with suppress(TimedOut):  # a child that never got going shows in its counts
+            wait_for(lambda: self._ready.exists() or proc.poll() is not None, 60)
 
     def stop(self) -> LoadResult:
         assert self._proc is not None and self._proc.stdin is not None
@@ -283,6 +254,13 @@ class HttpxH2Load:
         """Rotation windows (files landed, swap counted) that the long-lived connection served
         requests on both sides of."""
         return sum(1 for a, b in windows if any(first < a and last > b for first, last, _ in self.long_lived))
+
+    def across(self, windows: list[tuple[float, float]]) -> list[str]:
+        spanned = self.spanning(windows)
+        self.result.detail += f"; long-lived conn across {spanned} of {len(windows)} swaps"
+        if spanned < len(windows):
+            return [f"{self.name}: the long-lived h2 connection ran across only {spanned} of {len(windows)} rotations"]
+        return []
 
 
 def _httpx_h2_child(config_path: str) -> int:
@@ -442,9 +420,11 @@ cert = {cert}
 key = {key}
 """)
         self._proc = subprocess.Popen([self.binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_until(self._listening, 10):
+        try:
+            wait_for(self._listening, 10)
+        except TimedOut:
             self.stop()
-            raise RuntimeError("stunnel did not start listening")
+            raise RuntimeError("stunnel did not start listening") from None
 
     @staticmethod
     def binary() -> str:
@@ -470,212 +450,6 @@ key = {key}
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------- Python HTTP
-
-
-class PyHttpLoad:
-    """HTTP/1.1 load from Python's http.client: `keepalive` threads each reuse one connection, and
-    `fresh` threads open a new TLS connection for every request. Slower than wrk, but it can present
-    a client certificate and needs nothing installed (the fast test variant uses it)."""
-
-    def __init__(self, name: str, port: int, ctx: ssl.SSLContext, *, keepalive: int = 16, fresh: int = 2,
-                 body: bytes = SQL_BODY) -> None:
-        self.name = name
-        self._port, self._ctx, self._body = port, ctx, body
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.result = LoadResult(name)
-        self._threads = [threading.Thread(target=self._keepalive, name=f"{name}-ka-{i}", daemon=True)
-                         for i in range(keepalive)]
-        self._threads += [threading.Thread(target=self._fresh, name=f"{name}-new-{i}", daemon=True)
-                          for i in range(fresh)]
-        self._new_connections = 0
-
-    def _conn(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("localhost", self._port, context=self._ctx, timeout=30)
-
-    def _one(self, conn: http.client.HTTPSConnection) -> bool:
-        try:
-            conn.request("POST", "/v1/sql", body=self._body, headers={"Content-Type": "text/plain"})
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as e:
-            self._record(f"{type(e).__name__}: {e}")
-            return False
-        if response.status != 200:
-            self._record(f"HTTP {response.status}: {data[:200]!r}")
-            return True
-        self._record(None)
-        return True
-
-    def _record(self, error: str | None) -> None:
-        with self._lock:
-            self.result.sent += 1
-            if error is not None:
-                self.result.fail(error)
-
-    def _keepalive(self) -> None:
-        conn = self._conn()
-        sock = None
-        try:
-            while not self._stop.is_set():
-                if not self._one(conn):
-                    conn.close()
-                    conn = self._conn()
-                    sock = None
-                    continue
-                # http.client reconnects silently when the server closes; a keep-alive connection
-                # must outlive every rotation, so a new socket here is a failure.
-                if sock is not None and conn.sock is not sock:
-                    with self._lock:
-                        self.result.fail("a keep-alive connection was closed by the server")
-                sock = conn.sock
-        finally:
-            conn.close()
-
-    def _fresh(self) -> None:
-        while not self._stop.is_set():
-            conn = self._conn()
-            try:
-                self._one(conn)
-            finally:
-                conn.close()
-            with self._lock:
-                self._new_connections += 1
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> LoadResult:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-        self.result.detail = f"{len(self._threads)} threads, {self._new_connections} new connections"
-        return self.result
-
-
-# ------------------------------------------------------------------------------------------- Flight
-
-
-@dataclass(frozen=True)
-class FlightTarget:
-    uri: str
-    roots: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-
-    def client(self) -> flight.FlightClient:
-        kw: dict[str, object] = {"tls_root_certs": self.roots}
-        if self.cert is not None:
-            kw.update(cert_chain=self.cert, private_key=self.key)
-        return flight.FlightClient(self.uri, **kw)  # type: ignore[arg-type]
-
-
-class FlightLoad:
-    """DoGet streams of `sql` (expecting `rows` rows whose `id` sums to `id_sum`) on three loops:
-    one long-lived client (its connection outlives rotations), a new client per stream (a new
-    handshake each), and a slow reader whose streams last across rotations."""
-
-    def __init__(self, name: str, target: FlightTarget, sql: str, rows: int, id_sum: int, *,
-                 slow_seconds: float = 5.0) -> None:
-        self.name = name
-        self._target, self._ticket = target, flight.Ticket(sql.encode())
-        self._rows, self._id_sum, self.slow_seconds = rows, id_sum, slow_seconds
-        self._batches = 0  # batches in a stream, learnt from the first complete one
-        self._learned = threading.Event()
-        self._slow_since: float | None = None  # start of the slow stream in progress
-        self.spans: list[tuple[str, float, float]] = []  # (kind, started, ended) of every good stream
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.result = LoadResult(name)
-        self.kinds: Counter[str] = Counter()
-        self.longest_stream = 0.0
-        self._threads = [threading.Thread(target=fn, name=f"{name}-{fn.__name__}", daemon=True)
-                         for fn in (self._keepalive, self._fresh, self._slow)]
-
-    def _stream(self, client: flight.FlightClient, kind: str, slow: bool = False) -> None:
-        started = time.monotonic()
-        error = None
-        pace = self.slow_seconds / max(self._batches, 1) if slow else 0.0
-        if slow:
-            self._slow_since = started
-        try:
-            reader = client.do_get(self._ticket)
-            rows, total, batches = 0, 0, 0
-            for chunk in reader:
-                batch = chunk.data
-                rows += batch.num_rows
-                batches += 1
-                total += pc.sum(batch.column("id")).as_py() or 0
-                # A slow consumer, so that the stream spans a rotation. The wait ends early when
-                # the load stops; the stream, cancelled, is not counted.
-                if pace and self._stop.wait(pace):
-                    reader.cancel()
-                    self._slow_since = None
-                    return
-            if (rows, total) != (self._rows, self._id_sum):
-                error = f"{kind}: got {rows} rows (id sum {total}), expected {self._rows} ({self._id_sum})"
-            elif not self._learned.is_set():
-                self._batches = batches
-                self._learned.set()
-        except Exception as e:  # noqa: BLE001 - whatever went wrong, the stream failed
-            error = f"{kind}: {type(e).__name__}: {str(e)[:300]}"
-        ended = time.monotonic()
-        if slow:
-            self._slow_since = None
-        with self._lock:
-            self.result.sent += 1
-            self.kinds[kind] += 1
-            self.longest_stream = max(self.longest_stream, ended - started)
-            if error is not None:
-                self.result.fail(error)
-            else:
-                self.spans.append((kind, started, ended))
-
-    def _keepalive(self) -> None:
-        client = self._target.client()
-        try:
-            while not self._stop.is_set():
-                self._stream(client, "keep-alive")
-        finally:
-            client.close()
-
-    def _fresh(self) -> None:
-        while not self._stop.is_set():
-            with self._target.client() as client:
-                self._stream(client, "new-connection")
-
-    def _slow(self) -> None:
-        self._learned.wait(60)  # pace by the batch count a full-speed stream showed
-        while not self._stop.is_set():
-            with self._target.client() as client:
-                self._stream(client, "slow", slow=True)
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def slow_stream_young(self, within: float = 0.5) -> bool:
-        """A slow stream started less than `within` seconds ago and is still running."""
-        since = self._slow_since
-        return since is not None and time.monotonic() - since < within
-
-    def spanning(self, windows: list[tuple[float, float]]) -> Counter[str]:
-        """Good streams, by kind, that were running across a whole window (start, end): a rotation
-        from the files landing to the swap being counted."""
-        with self._lock:
-            return Counter(kind for kind, s, e in self.spans if any(s < a and e > b for a, b in windows))
-
-    def stop(self) -> LoadResult:
-        self._stop.set()
-        for t in self._threads:
-            t.join(120)
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
-        self.result.detail = f"DoGet streams: {kinds}; longest {self.longest_stream:.1f} s"
-        return self.result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""`spiced` entry point: flags → config → runtime, and the exit codes of §2.4."""
+"""`spiced` entry point: flags → config → runtime.
+
+Exit codes, as upstream: 2 for a usage error (argparse), 1 when the configuration, the TLS
+material or a bind is refused, 0 once a started runtime has shut down.
+"""
 
 from __future__ import annotations
 

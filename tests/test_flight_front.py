@@ -124,7 +124,10 @@ def who(client: fl.FlightClient) -> dict[str, Any]:
 
 
 CLIENTS = ("none", "valid", "foreign", "expired")
-EXPECTED = {  # notes §9 / reference §6.1: subject seen by the handler, or "UNAVAILABLE"
+# The subject the handler sees, or "UNAVAILABLE" when the handshake is refused: as upstream, a
+# certificate that is presented is always verified (a foreign or expired one is refused even under
+# `request`), and `required` refuses a client that presents none.
+EXPECTED = {
     "none": (None, None, None, None),  # no certificate requested: never an identity
     "request": (None, "O=spiced tests,CN=client", "UNAVAILABLE", "UNAVAILABLE"),
     "required": ("UNAVAILABLE", "O=spiced tests,CN=client", "UNAVAILABLE", "UNAVAILABLE"),

@@ -3,7 +3,7 @@ corrupt Flight SQL `Any` commands, garbage actions and descriptors, and garbage 
 answer is a gRPC error with a proper code and a clean message (no Python traceback, which would
 leak server paths and source lines), and the server keeps serving.
 
-Codes: what §8 of the behaviour reference asks, with the deviation documented in
+Codes: upstream's gRPC status codes, with the deviation documented in
 spiced/flight/service.py: unary refusals that upstream sends as INVALID_ARGUMENT/UNIMPLEMENTED go
 out as UNKNOWN with the same clean message, because pyarrow cannot send those codes from a unary
 handler without a traceback.

@@ -1,8 +1,8 @@
 """Rotation under traffic against the real runtime (issue 6): the fast variant of `make soak`, and
 every kind of bad rotation while requests and Flight streams run.
 
-The fast variant runs the soak's own phase runner (bench/soak.py) with a few rotations and Python
-HTTP clients (wrk and h2load are for `make soak`, which installs them). Bad rotations are left to
+The fast variant runs the soak's own phase runner (tests/soak_rig.py) with a few rotations and its
+Python loads (wrk, h2load and httpx are for `make soak`, which installs them). Bad rotations are left to
 the runtime's 2 s poller where what matters is that its file stamps notice the change (a deleted
 file, a directory in its place, a mode change that touches only ctime) and forced with SIGHUP
 otherwise; each is followed by a good rotation forced with SIGHUP so the next case starts from valid
@@ -36,20 +36,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from bench.soak import run_phase
-from bench.soak_load import FlightLoad, FlightTarget, PyHttpLoad, wait_until
-from bench.soak_plan import (
-    CA_INVALID,
-    SERVER_INVALID,
-    PhaseSpec,
-    encrypted,
-    write_workdir,
-)
-from bench.soak_probe import ReloadCounter, client_ctx
 from tests import support
 from tests.pki import SERVER_SUBJECT, Issued, Pki, issue
+from tests.soak_rig import CA_INVALID, SERVER_INVALID, PhaseSpec, encrypted, run_phase, write_workdir
+from tests.soak_traffic import FlightLoad, FlightTarget, PyHttpLoad, ReloadCounter, client_ctx
 from tests.support import run_spiced
-from tests.tlsprobe import key_body_lines, replace_atomically
+from tests.tlsprobe import TimedOut, key_body_lines, replace_atomically, wait_for
 
 POLL = 2.0
 ROWS = 20_000
@@ -61,9 +53,9 @@ ROWS = 20_000
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", [
     PhaseSpec("server certificate, atomic rename, under load", "server", "plain", 1, (SERVER_INVALID[0],),
-              http_load="python", h2load=False, rows=ROWS),
+              rows=ROWS),
     PhaseSpec("client CA bundle, mTLS required, kubelet swap, under load", "client_ca", "kubelet", 1,
-              (CA_INVALID[2],), http_load="python", h2load=False, rows=ROWS),
+              (CA_INVALID[2],), rows=ROWS),
 ], ids=["server-cert-rename", "client-ca-kubelet"])
 def test_rotation_under_load_loses_nothing(spec: PhaseSpec, pki: Pki, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,12 +196,15 @@ def test_bad_rotations_under_traffic_keep_the_old_certificate(pki: Pki, tmp_path
             _apply_bad(case.name, cert, key, current, pki, expired)
             if case.trigger == "sighup":
                 rt.send_signal(signal.SIGHUP)
-            counted = wait_until(lambda: counter.read().get(case.result, 0) > before.get(case.result, 0), 2 * POLL + 3)
+            try:
+                wait_for(lambda: counter.read().get(case.result, 0) > before.get(case.result, 0), 2 * POLL + 3)
+            except TimedOut:
+                problems.append(f"{case.name}: not counted as {case.result} within {2 * POLL + 3:.0f} s")
             after = counter.read()
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
             # One attempt; two when the poller happened to read the files between the write and SIGHUP.
             attempts = delta.get(case.result, 0)
-            if not counted or set(delta) != {case.result} or attempts > (2 if case.trigger == "sighup" else 1):
+            if set(delta) != {case.result} or attempts > (2 if case.trigger == "sighup" else 1):
                 problems.append(f"{case.name}: counter moved by {delta}, expected {{{case.result!r}: 1}}")
             want = expired.serial if case.served == "new" else current.serial
             for listener, (port, alpn) in ports.items():
@@ -229,9 +224,10 @@ def test_bad_rotations_under_traffic_keep_the_old_certificate(pki: Pki, tmp_path
                 _replace(key, current.key_pem)
                 _replace(cert, current.cert_pem)
                 rt.send_signal(signal.SIGHUP)
-                restored = wait_until(lambda b=ok_before, c=current: counter.read().get("ok", 0) > b
-                                      and served_serial(rt.http_port, pki.ca.cert, "http/1.1") == c.serial, 10)
-                if not restored:
+                try:
+                    wait_for(lambda b=ok_before, c=current: counter.read().get("ok", 0) > b
+                             and served_serial(rt.http_port, pki.ca.cert, "http/1.1") == c.serial, 10)
+                except TimedOut:
                     problems.append(f"{case.name}: the good rotation after it was not served")
             assert rt.proc.poll() is None
         finally:

@@ -23,11 +23,11 @@ import httpx
 import pytest
 from pyarrow import flight
 
-from bench.soak_load import wait_until
-from bench.soak_plan import write_workdir
 from spiced.runtime import DRAIN_SECONDS
 from tests.pki import Pki
+from tests.soak_rig import write_workdir
 from tests.support import Runtime, run_spiced
+from tests.tlsprobe import TimedOut, wait_for
 
 ROWS = 1_000_000
 SQL = "SELECT id, v FROM numbers"
@@ -84,8 +84,10 @@ def test_sigterm_drains_in_flight_work_and_refuses_new_connections(rt: Runtime, 
         rt.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         # New connections are refused while both are still in flight.
-        assert wait_until(lambda: all(refused(p) for p in ports.values()), 5.0), \
-            {name: refused(p) for name, p in ports.items()}
+        try:
+            wait_for(lambda: all(refused(p) for p in ports.values()), 5.0)
+        except TimedOut:
+            pytest.fail(f"still accepted: {[name for name, p in ports.items() if not refused(p)]}")
 
         body.extend(chunks)
         for chunk in reader:
@@ -161,7 +163,9 @@ def test_query_timeout_ends_the_query_on_both_protocols(tmp_path: Path, pki: Pki
                     if time.monotonic() - started > 3.0:
                         problems.append(f"Flight: no server-side deadline, the client's own fired: {str(e)[:80]}")
                 # A timed-out query is over, not left running: the server goes idle again.
-                if not wait_until(lambda: _idle(rt.proc.pid), 3.0):
+                try:
+                    wait_for(lambda: _idle(rt.proc.pid), 3.0)
+                except TimedOut:
                     problems.append("a timed-out query keeps a CPU busy")
                 # ... and other queries are served at once (an abandoned query holds an engine worker)
                 try:

@@ -47,7 +47,7 @@ def servers(pki: Pki, loop: LoopThread) -> dict[tuple[str, str], int]:
     return ports
 
 
-# ---------------------------------------------------------------- startup errors (§5.2, §6.3)
+# ---------------------------------------------------------------- startup errors
 
 
 def startup_error(settings: TlsSettings) -> str:
@@ -92,7 +92,7 @@ def test_every_startup_error_has_upstreams_detail_and_no_key_bytes(pki: Pki, tmp
             assert not any(line in got for line in body)
 
 
-# ---------------------------------------------------------------- startup lines (§4.3, §5.4, §6.5)
+# ---------------------------------------------------------------- startup lines
 
 
 def test_subject_line_is_the_reference_text(pki: Pki) -> None:
@@ -253,7 +253,7 @@ def test_served_chain_holds_every_certificate_of_the_file(pki: Pki, loop: LoopTh
     assert done.stdout.count("-----BEGIN CERTIFICATE-----") == 2
 
 
-# ---------------------------------------------------------------- client authentication per profile (§6.1)
+# ---------------------------------------------------------------- client authentication per profile
 
 ANON, REFUSED = "-", "refused"
 

@@ -44,7 +44,7 @@ def failure(fn: object, *args: bytes) -> MaterialError:
     return info.value
 
 
-# ---------------------------------------------------------------- subject line (§5.4)
+# ---------------------------------------------------------------- subject line
 
 
 def test_subject_line_of_the_reference_certificate(pki: Pki) -> None:
@@ -125,7 +125,7 @@ def test_key_is_the_first_private_key_section(pki: Pki) -> None:
         material.load_pair(pki.server.cert_pem, other + pki.server.key_pem)
 
 
-# ---------------------------------------------------------------- errors (§5.2, §6.3)
+# ---------------------------------------------------------------- errors
 
 
 def test_read_errors_use_upstreams_wording(tmp_path: Path) -> None:

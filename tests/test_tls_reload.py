@@ -1,4 +1,4 @@
-"""Hot reload (§5.5–§5.8): rotations seen by new handshakes, failures keeping the old material,
+"""Hot reload: rotations seen by new handshakes, failures keeping the old material,
 the counter, the log lines, client-CA rotation and resumption, inline material never reloading.
 
 Servers are real TLS listeners on the manager's listener contexts; the served certificate is read
@@ -362,9 +362,10 @@ def test_forced_reload_with_a_missing_file_counts_io_error(r: Rig) -> None:
 def test_inline_material_never_reloads(pki: Pki, loop: LoopThread, tmp_path: Path, v2: Issued) -> None:
     ca = tmp_path / "ca.pem"
     shutil.copyfile(pki.client_ca.cert, ca)
+    # the CA is a file, but it loads once too: only a file-backed certificate and key make a reload
     settings = TlsSettings(MaterialSource("cli_inline", pem=pki.server.cert_pem),
                            MaterialSource("cli_inline", pem=pki.server.key_pem), "request",
-                           MaterialSource("cli_file", path=ca))  # a file CA loads once too (§5.1)
+                           MaterialSource("cli_file", path=ca))
     assert not settings.reloadable
     metrics = Metrics()
     mgr = TlsManager.create(settings, metrics)

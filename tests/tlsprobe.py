@@ -151,12 +151,17 @@ def s_client_serial(port: int, ca: Path) -> int:
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
 
 
+class TimedOut(AssertionError):
+    """`wait_for` gave up. An AssertionError, so a test fails with it as with an assert; callers
+    that carry on after a timeout (the soak records it and goes on) catch exactly this."""
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:
-    """Poll `predicate` until true; returns the seconds it took. Fails after `timeout`."""
+    """Poll `predicate` until true; returns the seconds it took. Raises TimedOut after `timeout`."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise TimedOut(f"condition not met within {timeout}s")
         time.sleep(interval)
     return time.monotonic() - start
 

@@ -82,7 +82,8 @@ async def _metrics_health(request: Request) -> Response:
 
 
 def create_metrics_app(state: RuntimeState) -> Starlette:
-    """`/metrics` and `/health` only; never gated (§9: no client certificate, no API key)."""
+    """`/metrics` and `/health` only; never gated: probes and scrapers present no client certificate
+    and no API key, as upstream."""
     return _starlette(
         [Route("/metrics", routes.metrics, methods=["GET"]), Route("/health", _metrics_health, methods=["GET"])],
         [],

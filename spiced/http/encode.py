@@ -36,7 +36,8 @@ COLLECTED: frozenset[MediaType] = frozenset({encode_vnd.MEDIA_TYPE})
 
 
 def negotiate(accept: str | None) -> MediaType:
-    """§7.3: rank by q; the first media type that is exactly one we serve wins; otherwise JSON.
+    """Accept negotiation, as upstream: rank by q; the first media type that is exactly one we serve
+    wins; otherwise JSON.
 
     A media type with parameters other than q (`text/plain; charset=utf-8`) does not match.
     """

@@ -1,11 +1,11 @@
 """Who may use the HTTP API: the client-certificate gate, then the API-key gate (ASGI middleware).
 
-1. Client certificate (§6.4). The verified identity of the connection comes from the server
+1. Client certificate. The verified identity of the connection comes from the server
    (`spiced.http.tls_info.current_tls_info()`); it is put into `scope["extensions"]["tls"]` (the
    ASGI TLS extension) and `scope["spiced.client_identity"]`. Under `client_auth_mode=required`,
    a request without one answers 401 JSON on every route but `/health`, `/v1/ready`, `/metrics`.
-2. API keys (§7.4). `X-API-Key`, else `Authorization: Bearer`; 401 `Unauthorized` otherwise.
-   `/health` and `/v1/ready` are open.
+2. API keys, read as upstream reads them: `X-API-Key`, else `Authorization: Bearer`; 401
+   `Unauthorized` otherwise. `/health` and `/v1/ready` are open.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TLS material: read PEM bytes, validate them, and describe them (subject line, fingerprint).
 
 Everything here works on bytes already read, so a reload validates and builds from exactly the
-same content. Error texts follow upstream (§5.2, §6.3) and never contain key material: messages
+same content. Error texts follow upstream's wording and never contain key material: messages
 name a file, a PEM label or a fixed reason, never a slice of the input.
 """
 
@@ -238,7 +238,7 @@ def fingerprint(der: bytes) -> str:
 
 
 def subject_line(cert: x509.Certificate) -> str | None:
-    """Upstream's subject rendering (§5.4): CN, OU, O, L, S, C grouped in that order, values raw.
+    """Upstream's subject rendering: CN, OU, O, L, S, C grouped in that order, values raw.
 
     None when the subject cannot be read or holds none of those six types.
     """
