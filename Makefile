@@ -28,7 +28,13 @@ $(JS_STAMP): tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund
 	touch $(JS_STAMP)
 
-test: install $(JS_STAMP)
+# Debian packages: PostgreSQL and MariaDB, which the tests start as throwaway servers, and the ODBC
+# driver for MariaDB/MySQL, which mysql datasets read through (a no-op when present).
+.PHONY: db-tools
+db-tools:
+	sh scripts/install-db-tools.sh
+
+test: install $(JS_STAMP) db-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian tools needed by the load benchmarks and soak runs (wrk, h2load, stunnel for wrk under mTLS).

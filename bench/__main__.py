@@ -26,7 +26,7 @@ import pyarrow.ipc as ipc
 from datafusion import SessionConfig, SessionContext
 
 from bench.common import Row, big_parquet, median_time, report, split_cores
-from spiced.engine import PLAIN_ARROW_TYPES, plain_schema
+from spiced.batches import PLAIN_ARROW_TYPES, plain_schema
 from tests.pki import Pki
 from tests.support import run_spiced
 

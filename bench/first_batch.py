@@ -41,8 +41,8 @@ def _medians_ms(variants: dict[str, Callable[[], object]], runs: int) -> dict[st
 def main(runs: int = 2000) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(load_config([], workdir=write_pod(Path(tmp))).spicepod, Metrics())
-        engine.register_all()
-        asyncio.run(engine.load_all())
+        engine.datasets.register_all()
+        asyncio.run(engine.datasets.load_all())
         stoppable = Stopper.call
 
         def direct() -> object:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from . import __version__
+from .connectors import CONNECTORS
+from .connectors.params import ParamError, check
 from .errors import ConfigError, TlsConfigError
 from .secrets import SecretResolver, SecretStoreSpec
 from .spicepod import (
@@ -29,7 +31,6 @@ from .spicepod import (
 
 ClientAuthMode = Literal["none", "request", "required"]
 MaterialOrigin = Literal["cli_file", "cli_inline", "spicepod_file", "spicepod_inline"]
-FileFormat = Literal["parquet", "csv", "json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +83,11 @@ class Acceleration:
 class Dataset:
     name: str
     from_: str
-    path: Path
-    file_format: FileFormat
-    params: Mapping[str, str] = field(default_factory=dict)
+    connector: str  # the `from:` scheme: file, s3, http, https, postgres, mysql, duckdb, sqlite
+    options: object = field(repr=False)  # the connector's own frozen options (spiced.connectors)
     description: str | None = None
     acceleration: Acceleration | None = None
+    warnings: tuple[str, ...] = ()  # upstream's WARN texts for parameters dropped; logged at registration
 
     @property
     def accelerated(self) -> bool:
@@ -208,11 +209,6 @@ def parse_duration(text: str, key: str, file: Path) -> float:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
-_EXT_FORMATS: dict[str, FileFormat] = {
-    ".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json",
-}
-
-
 def _param_text(value: str | bool | int | float | None) -> str:
     """Upstream turns numbers and booleans into strings (`true`, not Python's `True`)."""
     if value is None:
@@ -222,9 +218,13 @@ def _param_text(value: str | bool | int | float | None) -> str:
 
 def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretResolver) -> Dataset:
     prefix = f"Failed to start Spice runtime: Unable to load spicepod {file}: datasets[{i}]"
-    source, sep, rest = d.from_.partition(":")
-    if not sep or source != "file":
-        raise ConfigError(f"{prefix}.from: unsupported source {d.from_!r} (this runtime reads `file:<path>`)")
+    scheme, sep, target = d.from_.partition(":")
+    connector = CONNECTORS.get(scheme)
+    if not sep or connector is None:
+        raise ConfigError(
+            f"{prefix}.from: Cannot setup the dataset {d.name} ({scheme}). The connector '{scheme}' is not a valid "
+            f"connector. For details, visit: https://spiceai.org/docs/components/data-connectors "
+            f"(this runtime reads {', '.join(sorted(CONNECTORS))})")
     if d.name.count(".") > 1:
         catalog = d.name.split(".")[0]
         raise ConfigError(
@@ -232,20 +232,14 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
             f"Remove '{catalog}' from the dataset name and try again."
         )
     params = {k: secrets.resolve(_param_text(v), f"datasets[{i}].params.{k}").value for k, v in d.params.items()}
-    rel = rest[2:] if rest.startswith("//") else rest
-    path = Path(rel) if Path(rel).is_absolute() else workdir / rel
-    fmt_text = params.get("file_format")
-    if fmt_text is not None:
-        if fmt_text not in ("parquet", "csv", "json"):
-            raise ConfigError(f"{prefix}.params.file_format: expected parquet, csv or json (got {fmt_text!r})")
-        fmt: FileFormat = fmt_text  # type: ignore[assignment]
-    elif path.suffix.lower() in _EXT_FORMATS:
-        fmt = _EXT_FORMATS[path.suffix.lower()]
-    else:
-        raise ConfigError(f"{prefix}.params.file_format: Missing required parameter: file_format "
-                          f"(cannot tell from {path.name!r})")
-    if not path.exists():
-        raise ConfigError(f"{prefix}.from: file not found: {path}")
+    try:
+        checked = check(connector.spec, params,
+                        lambda key: secrets.lookup("secrets", key, f"datasets[{i}].params.{key}"))
+        options = connector.options(target, checked, workdir)
+    except ParamError as e:
+        raise ConfigError(f"{prefix}.params: Invalid configuration for {connector.spec.label}. {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{prefix}.{e}") from None
     accel = None
     if d.acceleration is not None:
         a = d.acceleration
@@ -254,7 +248,7 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
             interval = parse_duration(a.refresh_check_interval, f"datasets[{i}].acceleration.refresh_check_interval",
                                       file)
         accel = Acceleration(a.enabled, a.engine, a.refresh_mode, interval, a.refresh_check_interval, a.refresh_sql)
-    return Dataset(d.name, d.from_, path, fmt, params, d.description, accel)
+    return Dataset(d.name, d.from_, scheme, options, d.description, accel, checked.warnings)
 
 
 def _material(

@@ -44,7 +44,7 @@ class MaterialError(SpicedError):
 
 
 # How a query ended in failure, classified once (the engine classifies DataFusion's errors by their
-# kind, spiced.engine.classify) and mapped by each protocol to its status and by spiced.tracker to
+# kind, spiced.errors.classify) and mapped by each protocol to its status and by spiced.tracker to
 # the `err_code` label:
 #   syntax               DataFusion `SQL error` (the parser)
 #   planning             `Error during planning`, `Schema error`
@@ -66,3 +66,38 @@ class QueryError(SpicedError):
     def __init__(self, message: str, *, kind: QueryErrorKind = "internal") -> None:
         super().__init__(message)
         self.kind: QueryErrorKind = kind
+
+
+def engine_message(e: BaseException) -> str:
+    """DataFusion's text without the Python binding's `DataFusion error: ` wrapper."""
+    text = str(e)
+    return text.removeprefix("DataFusion error: ")
+
+
+# DataFusionError's Display prefixes → kind (upstream's error_code.rs classifies the same variants).
+_KINDS: tuple[tuple[str, QueryErrorKind], ...] = (
+    ("SQL error: ", "syntax"),
+    ("Error during planning: ", "planning"),
+    ("Schema error: ", "planning"),
+    ("Execution error: ", "execution"),
+    ("Object Store error: ", "execution"),
+    ("External error: ", "execution"),
+    ("This feature is not implemented: ", "unsupported"),
+    ("Resources exhausted: ", "resources_exhausted"),
+)
+
+
+def classify(message: str) -> QueryErrorKind:
+    """The kind of a DataFusion error from its text; a `Context` wrapper (`<what>\ncaused by\n<error>`)
+    is classified by the error it wraps, as upstream unwraps Context and Shared."""
+    inner = message.rpartition("caused by\n")[2].lstrip()
+    for prefix, kind in _KINDS:
+        if inner.startswith(prefix):
+            return kind
+    return "internal"
+
+
+def engine_error(e: BaseException) -> QueryError:
+    """A DataFusion failure as the QueryError the client sees, classified once."""
+    message = engine_message(e)
+    return QueryError(message, kind=classify(message))

@@ -8,7 +8,7 @@ and a Python exception made pending for that thread (`PyThreadState_SetAsyncExc`
 there: `next()` returns with it, the Rust future is dropped, and the caller drops the stream. So a
 cancel stops the query within about a second, and a query that is never cancelled pays only two
 lock round trips per batch: awaiting every first batch on an event loop instead (as timed queries
-do, spiced.engine._WaitLoop) costs about 0.4 ms per `SELECT 1` (bench/first_batch.py).
+do, spiced.stream.WaitLoop) costs about 0.4 ms per `SELECT 1` (bench/first_batch.py).
 
 The interrupt is only ever sent while the thread is inside `Stopper.call`, under the same lock
 that marks the call's end, and a sent interrupt that has not gone off by then is made to go off

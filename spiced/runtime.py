@@ -1,8 +1,9 @@
 """Start order, signals, readiness and bounded shutdown: the one owner of the process lifecycle.
 
-Order (reference §4.2): config is already valid → TLS material → bind every socket → serve →
-load datasets in the background. SIGINT/SIGTERM drain (bounded) and exit 0; a second one forces
-exit. SIGHUP reloads file-backed TLS material.
+Order, as upstream: config is already valid → TLS material → bind every socket → serve → load
+datasets in the background, so bad TLS material or a taken port ends the process before anything
+is served. SIGINT/SIGTERM drain (bounded) and exit 0; a second one forces exit. SIGHUP reloads
+file-backed TLS material.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         state, tls = self.state, self.state.tls
-        state.engine.register_all()
+        state.engine.datasets.register_all()
 
         from .http.app import create_app, create_metrics_app
         from .http.server import serve
@@ -119,7 +120,7 @@ class Runtime:
         if state.api_keys.enabled and state.client_auth_mode == "required":
             log.info("mTLS-as-channel mode active: client cert AND `runtime.auth` credentials are both required")
 
-        self._tasks.append(asyncio.create_task(state.engine.load_all()))
+        self._tasks.append(asyncio.create_task(state.engine.datasets.load_all()))
         await self._stop.wait()
         await self._drain()
         self.state.engine.close()
@@ -195,7 +196,7 @@ class Runtime:
     async def _drain(self) -> None:
         """Stop accepting everywhere, let in-flight requests and streams finish within DRAIN_SECONDS."""
         self._http_shutdown.set()
-        self.state.engine.stop()
+        self.state.engine.datasets.stop()
         flight_done = asyncio.create_task(self._stop_flight())
         listeners = [t for t in self._tasks if not t.done()]
         done, pending = await asyncio.wait([flight_done, *listeners], timeout=DRAIN_SECONDS + 1)

@@ -52,9 +52,9 @@ def make_state(workdir: Path, keys: tuple[str, ...] = (), *, tls: TlsManager | N
     config = load_config([], workdir=workdir)
     metrics = metrics or Metrics()
     engine = Engine(config.spicepod, metrics)
-    engine.register_all()
-    asyncio.run(engine.load_all())
-    assert engine.ready()
+    engine.datasets.register_all()
+    asyncio.run(engine.datasets.load_all())
+    assert engine.datasets.ready()
     return RuntimeState(config, engine, metrics, ApiKeys(keys), tls=tls)
 
 

@@ -59,8 +59,8 @@ def api_server(loop: LoopThread, state: RuntimeState, *, ssl_context: ssl.SSLCon
 
     async def start() -> tuple[asyncio.Event, asyncio.Task[None]]:
         if load:
-            state.engine.register_all()
-            await state.engine.load_all()
+            state.engine.datasets.register_all()
+            await state.engine.datasets.load_all()
         shutdown = asyncio.Event()
         task = asyncio.create_task(serve(factory(state), sock, ssl_context, shutdown, graceful_timeout=1.0))
         return shutdown, task
@@ -76,7 +76,7 @@ def api_server(loop: LoopThread, state: RuntimeState, *, ssl_context: ssl.SSLCon
             await task
 
         loop.call(finished(), timeout=15)
-        state.engine.stop()
+        state.engine.datasets.stop()
         sock.close()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from spiced.config import load_config
+from spiced.connectors.files import FileOptions
 from spiced.errors import ConfigError, TlsConfigError
 from spiced.secrets import SecretResolver, SecretStoreSpec
 from tests.support import spiced_fails, write_pod
@@ -35,7 +36,8 @@ def test_defaults_and_dataset(tmp_path: Path) -> None:
     c = load_config([], workdir=tmp_path, environ={})
     assert c.http_addr == ("127.0.0.1", 8090) and c.flight_addr == ("127.0.0.1", 50051) and c.metrics_addr is None
     (ds,) = c.spicepod.datasets
-    assert ds.file_format == "csv" and ds.path == tmp_path / "trips.csv"
+    assert isinstance(ds.options, FileOptions)
+    assert ds.connector == "file" and ds.options.file_format == "csv" and ds.options.url == str(tmp_path / "trips.csv")
     assert ds.acceleration is not None and ds.acceleration.refresh_check_interval == 10.0
     assert c.tls is None and c.api_keys == ()
 

@@ -21,14 +21,14 @@ from tests.support import write_pod
 
 def engine_for(workdir: Path) -> Engine:
     engine = Engine(load_config([], workdir=workdir, environ={}).spicepod, Metrics())
-    engine.register_all()
-    asyncio.run(engine.load_all())
+    engine.datasets.register_all()
+    asyncio.run(engine.datasets.load_all())
     return engine
 
 
 def test_an_empty_accelerated_file_loads_and_is_ready(tmp_path: Path) -> None:
     engine = engine_for(write_pod(tmp_path, csv="id,city,fare\n"))
-    assert engine.ready()
+    assert engine.datasets.ready()
     assert engine.execute("SELECT count(*) AS n FROM trips").reader().read_all().to_pylist() == [{"n": 0}]
 
 
@@ -110,7 +110,7 @@ def test_limits_are_left_to_datafusion(tmp_path: Path) -> None:
 def test_a_refresh_is_seen_by_plain_scans(tmp_path: Path) -> None:
     engine = numbers_engine(tmp_path)
     pq.write_table(pa.table({"id": pa.array([7], pa.int64()), "extra": pa.array(["x"])}), tmp_path / "numbers.parquet")
-    engine.load_one(engine.spicepod.datasets[0], refresh=True)
+    engine.datasets.load_one(engine.spicepod.datasets[0], refresh=True)
     assert run(engine, "SELECT * FROM numbers").to_pylist() == [{"id": 7, "extra": "x"}]
 
 
@@ -124,7 +124,7 @@ def test_queries_during_refreshes_always_find_the_table(tmp_path: Path) -> None:
 
     def refresh() -> None:
         while not stop.is_set():
-            engine.load_one(ds, refresh=True)
+            engine.datasets.load_one(ds, refresh=True)
 
     refresher = threading.Thread(target=refresh)
     refresher.start()

@@ -498,8 +498,8 @@ def test_large_results_fit_a_4_mib_grpc_message_limit(tmp_path: Path) -> None:
     config = load_config([], workdir=tmp_path)
     metrics = Metrics()
     engine = Engine(config.spicepod, metrics)
-    engine.register_all()
-    asyncio.run(engine.load_all())
+    engine.datasets.register_all()
+    asyncio.run(engine.datasets.load_all())
     limit = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
     with serving(RuntimeState(config, engine, metrics, ApiKeys(()))) as server, \
             fl.connect(f"grpc://127.0.0.1:{server.port}", generic_options=limit) as client:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow import ipc
 
-from spiced.engine import coalesce
+from spiced.batches import coalesce
 from spiced.http.encode import (
     ArrowStreamEncoder,
     CsvEncoder,

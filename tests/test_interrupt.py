@@ -30,8 +30,8 @@ def cancelled() -> QueryError:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     e = Engine(load_config([], workdir=write_pod(tmp_path_factory.mktemp("interrupt"))).spicepod, Metrics())
-    e.register_all()
-    asyncio.run(e.load_all())
+    e.datasets.register_all()
+    asyncio.run(e.datasets.load_all())
     return e
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from spiced.engine import format_duration, format_size
+from spiced.datasets.lifecycle import format_duration, format_size
 from spiced.logs import parse_filter
 from tests.support import run_spiced, spiced_fails, write_pod
 
@@ -66,7 +66,7 @@ def test_not_ready_until_datasets_load_and_failed_dataset_never_ready(tmp_path: 
     write_pod(tmp_path, "version: v1\nkind: Spicepod\nname: t\ndatasets:\n  - from: file:trips.csv\n    name: broken\n"
                         "    params:\n      file_format: parquet\n    acceleration:\n      enabled: true\n")
     with run_spiced(tmp_path, ready=False) as rt:
-        rt.wait_for_log("Failed to load dataset broken")
+        rt.wait_for_log("Failed to load data for dataset broken")
         r = httpx.get(rt.http_url + "/v1/ready")
         assert (r.status_code, r.text) == (503, "not ready")
         assert httpx.get(rt.http_url + "/health").status_code == 200

@@ -25,7 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..engine import Params, plain_schema
+from ..batches import plain_schema
+from ..engine import Params
 
 MULTIPLE_STATEMENTS = "Multiple statements found in query. Only one statement is supported."
 HANDLE_MAGIC = b"\xffspiced.prepared.v1\x00"

@@ -27,10 +27,12 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..engine import Params, QueryStream, coalesce
+from ..batches import coalesce
+from ..engine import Params
 from ..errors import CLIENT_ERROR_KINDS, QueryError
 from ..identity import ClientIdentity
 from ..state import RuntimeState
+from ..stream import QueryStream
 from ..tracker import QueryTracker, disconnected
 from . import stream as streams
 

@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
-from ..engine import Params, plain_schema
+from ..batches import plain_schema
+from ..engine import Params
 from ..errors import CLIENT_ERROR_KINDS, QueryError
 from ..identity import ClientIdentity
 from ..state import RuntimeState

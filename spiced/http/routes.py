@@ -1,7 +1,8 @@
 """The HTTP API's small routes: health, readiness, metrics, datasets, status, spicepods, refresh.
 
-`POST /v1/sql` lives in spiced/http/sql.py. Texts and shapes follow §7.2 of the behaviour
-reference; `?format=csv` answers `text/csv` with a header row.
+`POST /v1/sql` lives in spiced/http/sql.py. Response texts and JSON shapes are upstream's, so
+clients written against upstream read them unchanged; `?format=csv` answers `text/csv` with a
+header row.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = runtime(request)
-    if state.engine.ready() and state.serving():
+    if state.engine.datasets.ready() and state.serving():
         return PlainTextResponse("ready")
     return PlainTextResponse("not ready", status_code=503)
 
@@ -103,7 +104,7 @@ async def datasets(request: Request) -> Response:
         return csv_format
     with_status = flag(request, "status")
     source = request.query_params.get("source")
-    states = {s.dataset.name: s for s in state.engine.states()}
+    states = {s.dataset.name: s for s in state.engine.datasets.states()}
     items: list[dict[str, Any]] = []
     for ds in state.config.spicepod.datasets:
         if source is not None and ds.from_.partition(":")[0] != source:
@@ -137,7 +138,7 @@ async def refresh(request: Request) -> Response:
         return too_large()
     except BodyTooSlow:
         return too_slow()
-    task = asyncio.create_task(state.engine.refresh(ds), name=f"refresh {ds.name}")
+    task = asyncio.create_task(state.engine.datasets.refresh(ds), name=f"refresh {ds.name}")
     _REFRESHES.add(task)  # keep a reference until it finishes
     task.add_done_callback(_REFRESHES.discard)
     return message(f"Dataset refresh triggered for {name}.", 201)

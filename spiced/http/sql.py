@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import Send
 
-from ..engine import Params, coalesce
+from ..batches import coalesce
+from ..engine import Params
 from ..errors import QueryError
 from ..identity import ClientIdentity
 from ..state import RuntimeState

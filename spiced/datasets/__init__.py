@@ -1,0 +1,1 @@
+"""Datasets: their lifecycle (load, retry, refresh, status) and the accelerator that holds them."""

@@ -1,0 +1,220 @@
+"""Queries over databases read in place (federation): as much of each query as a source can run
+is sent to it, in its own SQL dialect.
+
+- A query whose tables all live in one database is sent to it whole: DataFusion's unparser
+  writes the planned query in the source's dialect, and sqlglot puts the source's table names in
+  place of the dataset names. Its result is cast to the schema DataFusion planned, so clients see
+  the same types whichever way a query ran.
+- Any other query (tables from several places, or SQL the source refuses) runs in DataFusion.
+  Each database table it reads is fetched once, with only the columns the query needs and the
+  filters (and limit) DataFusion pushed down to it, into a per-query session where the query is
+  planned again.
+
+Planning needs each table's schema: `spiced.datasets` registers an empty table with the source's
+schema under the dataset's name and tells the federation which source stands behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import sqlglot
+from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext
+from datafusion.expr import Filter, TableScan
+from datafusion.unparser import Dialect, Unparser
+from sqlglot import exp
+
+from .batches import conformed
+from .config import Spicepod
+from .connectors.base import SqlSource
+
+log = logging.getLogger("runtime.federation")
+
+
+@dataclass
+class _Reads:
+    """What one query reads of one federated table, over all the places it appears."""
+
+    columns: set[str] = field(default_factory=set)
+    predicates: list[exp.Expression | None] = field(default_factory=list)
+    fetch: int | None = None
+
+
+class Federation:
+    def __init__(self, ctx: SessionContext, spicepod: Spicepod, config: Callable[[], SessionConfig]) -> None:
+        self.ctx = ctx
+        self.spicepod = spicepod
+        self._config = config
+        self._sources: dict[str, SqlSource] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, source: SqlSource) -> None:
+        with self._lock:
+            self._sources[name] = source
+
+    def run(self, df: DataFrame, sql: str, params: Mapping[str, Any] | None) -> Iterator[pa.RecordBatch] | None:
+        """The query's batches when it reads a federated table, None when it reads none."""
+        with self._lock:
+            sources = dict(self._sources)
+        if not sources:
+            return None
+        optimized = df.optimized_logical_plan()
+        scanned = _scanned_names(optimized, sources) | _scanned_names(df.logical_plan(), sources)
+        if not scanned:
+            return None
+        target = df.schema()
+        keys = {sources[name].key for name in scanned}
+        if len(keys) == 1 and _only_federated_scans(df.logical_plan(), sources):
+            whole = self._whole(df.logical_plan(), sources, scanned, target)
+            if whole is not None:
+                return whole
+        return self._per_table(optimized, sql, params, sources, scanned, target)
+
+    # -------------------------------------------------------------- the whole query at its source
+
+    def _whole(self, plan: LogicalPlan, sources: Mapping[str, SqlSource], scanned: set[str],
+               target: pa.Schema) -> Iterator[pa.RecordBatch] | None:
+        source = sources[next(iter(scanned))]
+        try:
+            text = Unparser(getattr(Dialect, source.dialect)()).plan_to_sql(plan)
+            text = rename_tables(text, source.dialect, {n: sources[n].table for n in scanned})
+            log.debug("Query sent whole to %s: %s", source.key, text)
+            batches = conformed(iter(source.query(text)), target)
+            first_batch = next(batches, None)
+        except Exception as e:  # SQL the source does not take: DataFusion runs it instead
+            log.debug("Federated query not taken whole by its source (%s); running it here", e)
+            return None
+        return _prepend(first_batch, batches)
+
+    # -------------------------------------------------------------- table by table
+
+    def _per_table(self, plan: LogicalPlan, sql: str, params: Mapping[str, Any] | None,
+                   sources: Mapping[str, SqlSource], scanned: set[str], target: pa.Schema) -> Iterator[pa.RecordBatch]:
+        from .engine import READ_ONLY
+
+        reads = {name: _Reads() for name in scanned}
+        _collect_reads(plan, sources, reads)
+        qctx = SessionContext(self._config())
+        views = {v.name for v in self.spicepod.views}
+        for name in self.ctx.catalog("spice").schema("public").names():
+            if name not in views and name not in scanned:
+                qctx.register_table(name, self.ctx.table_provider(name))
+        for name in scanned:
+            placeholder = self.ctx.table(name).schema()
+            table = self._fetch(sources[name], name, reads[name], placeholder)
+            qctx.register_record_batches(name, [table.to_batches() or [pa.RecordBatch.from_pylist([],
+                                                                                              schema=table.schema)]])
+        for v in self.spicepod.views:
+            qctx.register_view(v.name, qctx.sql_with_options(v.sql, READ_ONLY))
+        df = qctx.sql_with_options(sql, READ_ONLY, param_values=dict(params) if params else None)
+        return conformed((b.to_pyarrow() for b in df.execute_stream()), target)
+
+    def _fetch(self, source: SqlSource, name: str, reads: _Reads, placeholder: pa.Schema) -> pa.Table:
+        wanted = reads.columns
+        columns = [f.name for f in placeholder if "*" in wanted or f.name in wanted] or [placeholder[0].name]
+        text = pushed_query(source, name, columns, reads)
+        log.debug("Scan of %s sent to %s: %s", name, source.key, text)
+        table = source.query(text).read_all()
+        schema = pa.schema([placeholder.field(c) for c in columns])
+        return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(table.columns, schema, strict=True)],
+                                    schema=schema)
+
+
+def pushed_query(source: SqlSource, name: str, columns: list[str], reads: _Reads) -> str:
+    """`SELECT <columns> FROM <source table> AS <name> [WHERE <any of the predicates>] [LIMIT n]`."""
+    query = exp.select(*(exp.column(c, table=name, quoted=True) for c in columns)).from_(
+        _source_table(source.table, name))
+    if reads.predicates and all(p is not None for p in reads.predicates):
+        query = query.where(exp.or_(*(p for p in reads.predicates if p is not None)))
+    if reads.fetch is not None and len(reads.predicates) == 1:
+        query = query.limit(reads.fetch)
+    return query.sql(dialect=source.dialect)
+
+
+def rename_tables(text: str, dialect: str, tables: Mapping[str, tuple[str, ...]]) -> str:
+    """`text` with each dataset table replaced by its source table, aliased to the name the rest
+    of the query uses for it."""
+    tree = sqlglot.parse_one(text, read=dialect)
+    for node in list(tree.find_all(exp.Table)):
+        name = _dataset_name(node.catalog or None, node.db or None, node.name)
+        if name is not None and name in tables:
+            node.replace(_source_table(tables[name], node.alias or node.name))
+    return tree.sql(dialect=dialect)
+
+
+def _source_table(parts: tuple[str, ...], alias: str) -> exp.Table:
+    *qualifiers, table = parts
+    db = qualifiers[-1] if qualifiers else None
+    catalog = qualifiers[-2] if len(qualifiers) > 1 else None
+    return exp.table_(table, db=db, catalog=catalog, quoted=True, alias=exp.to_identifier(alias, quoted=True))
+
+
+def _dataset_name(catalog: str | None, schema: str | None, table: str) -> str | None:
+    if catalog not in (None, "spice"):
+        return None
+    return table if schema in (None, "public") else f"{schema}.{table}"
+
+
+def _walk(plan: LogicalPlan, parent: LogicalPlan | None = None) -> Iterator[tuple[LogicalPlan, LogicalPlan | None]]:
+    yield plan, parent
+    for child in plan.inputs():
+        yield from _walk(child, plan)
+
+
+def _scan_name(node: TableScan) -> str | None:
+    catalog, schema, table = node.fqn()
+    return _dataset_name(catalog, schema, table)
+
+
+def _scanned_names(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> set[str]:
+    names = {n for p, _ in _walk(plan) if isinstance(v := p.to_variant(), TableScan)
+             and (n := _scan_name(v)) is not None and n in sources}
+    # A table read inside a subquery expression is not a plan input; its scan shows in the text.
+    text = plan.display_indent()
+    return names | {n for n in sources if f"TableScan: {n} " in text or text.endswith(f"TableScan: {n}")}
+
+
+def _only_federated_scans(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> bool:
+    scans = [v for p, _ in _walk(plan) if isinstance(v := p.to_variant(), TableScan)]
+    return bool(scans) and all(_scan_name(v) in sources for v in scans) and "Subquery:" not in plan.display_indent()
+
+
+def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: dict[str, _Reads]) -> None:
+    seen: set[str] = set()
+    for node, parent in _walk(plan):
+        scan = node.to_variant()
+        if not isinstance(scan, TableScan) or (name := _scan_name(scan)) not in reads:
+            continue
+        seen.add(name)
+        r = reads[name]
+        r.columns.update(column for _, column in scan.projection())
+        r.fetch = scan.fetch()
+        predicate = None
+        if parent is not None and isinstance(parent.to_variant(), Filter):
+            try:
+                dialect = sources[name].dialect
+                unparsed = Unparser(getattr(Dialect, dialect)()).plan_to_sql(parent)
+                where = sqlglot.parse_one(unparsed, read=dialect).args.get("where")
+                # A subquery in the filter reads other tables, which the source does not have.
+                if where is not None and not where.find(exp.Select):
+                    predicate = where.this
+            except Exception as e:  # a filter the source's dialect cannot say: DataFusion applies it
+                log.debug("Filter on %s not pushed down: %s", name, e)
+        r.predicates.append(predicate)
+    for name in reads.keys() - seen:  # read only inside a subquery expression: every column, every row
+        reads[name].predicates.append(None)
+        reads[name].columns.update({"*"})
+    for r in reads.values():
+        if "*" in r.columns:
+            r.columns = {"*"}
+
+
+def _prepend(first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    if first is not None:
+        yield first
+    yield from rest
