@@ -43,7 +43,7 @@ load-tools:
 	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v stunnel4 >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client stunnel4 >/dev/null; }
 
-bench: install load-tools
+bench: install load-tools db-tools
 	$(BIN)/python -m bench
 
 soak: install load-tools

@@ -228,3 +228,13 @@ def test_the_password_can_come_from_the_secret_store_by_its_prefixed_name(tmp_pa
     env = {"SPICE_PG_PASS": pg.password}
     with run_spiced(workdir, env=env) as rt:
         assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+
+
+def test_a_literal_password_is_redacted_in_the_spicepod_api(tmp_path: Path, pg: PgServer) -> None:
+    params = pg_params(pg).replace("${env:PG_PASS}", pg.password)
+    with run_spiced(write_pod(tmp_path, pod(dataset("postgres:orders", "orders", params)))) as rt:
+        [served] = httpx.get(rt.http_url + "/v1/spicepods").json()
+        assert served["datasets"][0]["params"]["pg_pass"] != pg.password
+        assert served["datasets"][0]["params"]["pg_host"] == "localhost"
+        assert pg.password not in httpx.get(rt.http_url + "/v1/spicepods").text
+        assert pg.password not in "\n".join(rt.logs())

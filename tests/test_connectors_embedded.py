@@ -158,3 +158,28 @@ def test_parameters_are_checked_as_upstream(tmp_path: Path) -> None:
                    for line in rt.logs())
         assert any("Ignoring parameter file: must be prefixed with `sqlite_` for connector sqlite." in line
                    for line in rt.logs())
+
+
+def test_a_failed_refresh_keeps_the_last_data_and_says_so(tmp_path: Path) -> None:
+    make_sqlite(tmp_path / "shop.sqlite")
+    spicepod = ("version: v1\nkind: Spicepod\nname: r\ndatasets:\n  - from: sqlite:orders\n    name: orders\n"
+                "    params:\n      sqlite_file: shop.sqlite\n    acceleration:\n      enabled: true\n"
+                "      refresh_check_interval: 300ms\n")
+    with run_spiced(write_pod(tmp_path, spicepod)) as rt:
+        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        with sqlite3.connect(tmp_path / "shop.sqlite") as c:
+            c.execute("ALTER TABLE orders RENAME TO gone")
+        line = rt.wait_for_log("Failed to load data for dataset orders")
+        assert " WARN " in line and line.endswith("(the last loaded data is kept)")
+        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        [status] = httpx.get(rt.http_url + "/v1/datasets?status=true").json()
+        assert status["status"] == "Error" and "was not found" in status["error"]
+        assert httpx.get(rt.http_url + "/v1/ready").text == "ready"  # loaded once: still serving
+        with sqlite3.connect(tmp_path / "shop.sqlite") as c:
+            c.execute("ALTER TABLE gone RENAME TO orders")
+            c.execute("DELETE FROM orders WHERE id >= 10")
+        wait_for(lambda: sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": 10}], timeout=10)
+        [status] = httpx.get(rt.http_url + "/v1/datasets?status=true").json()
+        assert status["status"] == "Ready"
+        warnings = [x for x in rt.logs() if "Failed to load data for dataset orders" in x and " WARN " in x]
+        assert len(warnings) == 1  # the same cause again is not repeated at WARN

@@ -20,7 +20,9 @@ _S3 = Spec("s3", "s3", component=(
     Param("key", secret=True), Param("secret", secret=True), Param("session_token", secret=True),
 ), runtime=(*LISTING, Param("allow_http", default="false", one_of=("true", "false"))))
 
-_HTTP = Spec("http", "http", component=(Param("port"),), runtime=LISTING)
+_HTTP = Spec("http", "http", component=(
+    Param("port"), Param("username", secret=True), Param("password", secret=True),
+), runtime=LISTING)
 
 CONNECTORS: dict[str, Connector] = {
     "file": Connector(Spec("file", "file", runtime=LISTING), local_options, _file_source),
@@ -32,3 +34,13 @@ CONNECTORS: dict[str, Connector] = {
     "duckdb": Connector(embedded.DUCKDB_SPEC, embedded.duckdb_options, embedded.open_source),
     "sqlite": Connector(embedded.SQLITE_SPEC, embedded.sqlite_options, embedded.open_source),
 }
+
+
+def secret_params(scheme: str) -> frozenset[str]:
+    """The parameter names (as written in a spicepod) whose values are credentials."""
+    connector = CONNECTORS.get(scheme)
+    if connector is None:
+        return frozenset()
+    spec = connector.spec
+    return frozenset({f"{spec.prefix}_{p.name}" for p in spec.component if p.secret}
+                     | {p.name for p in spec.runtime if p.secret})

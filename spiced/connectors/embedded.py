@@ -65,7 +65,7 @@ class EmbeddedSource(PooledSqlSource):
             return con
         import adbc_driver_sqlite.dbapi as sqlite
 
-        return sqlite.connect(f"file:{self.options.path}?mode=ro")
+        return sqlite.connect(f"file:{self.options.path}?mode=ro", autocommit=True)  # no read transaction held open
 
     def _run(self, conn: Any, sql: str) -> tuple[Any, pa.RecordBatchReader]:
         if self.options.engine == "duckdb":

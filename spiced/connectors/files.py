@@ -38,10 +38,6 @@ class S3Store:
     session_token: str | None = field(default=None, repr=False)
     anonymous: bool = False
 
-    @property
-    def scheme_url(self) -> str:
-        return f"s3://{self.bucket}"
-
 
 @dataclass(frozen=True, slots=True)
 class HttpStore:
@@ -127,12 +123,13 @@ class FileSource:
         if store is None:
             return
         with self._stores_lock:  # a store is per bucket or host; registering it again replaces it
+            # DataFusion appends the store's own bucket or host to the scheme given here.
             if isinstance(store, S3Store):
-                ctx.register_object_store(store.scheme_url, _s3_store(store), None)
+                ctx.register_object_store("s3://", _s3_store(store), None)
             else:
                 from datafusion.object_store import Http
 
-                ctx.register_object_store(store.base, Http(store.base), None)
+                ctx.register_object_store("https://", Http(store.base), urlsplit(store.base).netloc)
 
     def _partition_cols(self) -> list[tuple[str, str | pa.DataType]] | None:
         o = self.options
@@ -183,28 +180,31 @@ class FileSource:
 
 
 _ENV_LOCK = threading.Lock()
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SKIP_SIGNATURE")
 
 
 def _s3_store(store: S3Store) -> Any:
-    """DataFusion's S3 store. Its Python constructor starts from the AWS environment variables and
-    has no switch for unsigned requests, so an anonymous store is built with `AWS_SKIP_SIGNATURE`
-    set for the moment of construction (and without credentials from the environment)."""
+    """DataFusion's S3 store. Its Python constructor starts from the process's AWS environment
+    variables and has no switch for unsigned requests, so a store is built with those variables
+    replaced, for the moment of construction, by what the dataset says: its key and nothing else,
+    or `AWS_SKIP_SIGNATURE` for anonymous access. Only `s3_auth: iam_role` uses the environment."""
     import os
 
     from datafusion.object_store import AmazonS3
 
     kwargs: dict[str, Any] = {"bucket_name": store.bucket, "region": store.region or "us-east-1",
                               "endpoint": store.endpoint, "allow_http": store.allow_http}
-    if not store.anonymous:
-        return AmazonS3(access_key_id=store.key, secret_access_key=store.secret, session_token=store.session_token,
-                        **kwargs)
-    names = ("AWS_SKIP_SIGNATURE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    if store.key is not None:
+        kwargs |= {"access_key_id": store.key, "secret_access_key": store.secret,
+                   "session_token": store.session_token}
     with _ENV_LOCK:
-        saved = {n: os.environ.get(n) for n in names}
+        saved = {n: os.environ.get(n) for n in _AWS_ENV}
         try:
-            for n in names[1:]:
-                os.environ.pop(n, None)
-            os.environ["AWS_SKIP_SIGNATURE"] = "true"
+            if store.key is not None or store.anonymous:
+                for n in _AWS_ENV:
+                    os.environ.pop(n, None)
+            if store.anonymous:
+                os.environ["AWS_SKIP_SIGNATURE"] = "true"
             return AmazonS3(**kwargs)
         finally:
             for n, v in saved.items():
@@ -266,6 +266,13 @@ def http_options(scheme: str) -> Callable[[str, Checked, Path], FileOptions]:
         if not parts.hostname or not target.startswith("//"):
             raise FileOptionError("from: The specified URL in the dataset 'from' is not valid. Ensure the URL is "
                                   "valid and try again.")
+        if scheme == "http":
+            raise FileOptionError("from: plain http:// is not supported: DataFusion's HTTP object store reads over "
+                                  "TLS only; serve the file over https://")
+        for key in ("username", "password"):
+            if checked.get(key):
+                raise FileOptionError(f"params.http_{key}: Basic authentication is not supported: DataFusion's "
+                                      "HTTP object store sends no credentials")
         port = checked.get("port")
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise FileOptionError("params.http_port: The specified `https_port` parameter was invalid. Specify a "

@@ -99,7 +99,7 @@ class PostgresSource(PooledSqlSource):
     def _connect(self) -> Any:
         import adbc_driver_postgresql.dbapi as pg
 
-        return pg.connect(self.uri())
+        return pg.connect(self.uri(), autocommit=True)  # no transaction left open between queries
 
     def schema(self) -> pa.Schema:
         """The driver reads NUMERIC as text; the catalog's precision and scale make it a decimal, as

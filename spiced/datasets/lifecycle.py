@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ def format_duration(seconds: float) -> str:
             parts.append(f"{ms // size}{unit}")
             ms %= size
     return " ".join(parts) or "0ms"
+
+
+def _shape(message: str | None) -> str:
+    """A failure's text without what changes between tries of the same cause (timings, request ids)."""
+    return re.sub(r"[0-9A-Za-z+/=_-]{20,}|\d+(\.\d+)?", "#", message or "")
 
 
 def backoff(attempt: int, cap: float = RETRY_MAX_SECONDS) -> float:
@@ -151,7 +157,7 @@ class Datasets:
             kept = " (the last loaded data is kept)" if ds.name in self._loaded else ""
             previous = self._states.get(ds.name)
             # One WARN per cause: retries that fail the same way say so at DEBUG.
-            repeated = previous is not None and previous.status == "Error" and previous.error == message
+            repeated = previous is not None and previous.status == "Error" and _shape(previous.error) == _shape(message)
             (refresh_log.debug if repeated else refresh_log.warning)(
                 "Failed to load data for dataset %s: %s%s", ds.name, message, kept)
             self.metrics.dataset_load_errors.add(1, {"dataset": ds.name})

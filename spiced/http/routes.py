@@ -18,6 +18,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from ..connectors import secret_params
 from ..state import RuntimeState
 from ..tls.expiry import CertificateFacts
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
@@ -185,6 +186,10 @@ def redacted_spicepod(raw: Mapping[str, Any]) -> dict[str, Any]:
                     tls[key] = REDACTED
         if "auth" in runtime_section:
             runtime_section["auth"] = _redact_leaves(runtime_section["auth"])
+    for dataset in pod.get("datasets") or []:
+        if isinstance(dataset, dict) and isinstance(dataset.get("params"), dict):
+            secret = secret_params(str(dataset.get("from", "")).partition(":")[0])
+            dataset["params"] = {k: REDACTED if k in secret else v for k, v in dataset["params"].items()}
     return pod
 
 
