@@ -157,7 +157,28 @@ def _await_port(process: _Process, name: str) -> int:
 
 
 @dataclass
-class S3Server:
+class _Served:
+    """A server run as a subprocess that records the requests it was sent."""
+
+    process: _Process
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    def requests(self) -> list[Request]:
+        """Every request not made by this library, in arrival order."""
+        return self.process.requests()
+
+    def clear_requests(self) -> None:
+        self.process.clear_requests()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.process.log_tail(lines)
+
+
+@dataclass
+class S3Server(_Served):
     """moto's S3 in a subprocess (tests/s3_launcher.py); path-style URLs: {endpoint}/{bucket}/{key}."""
 
     process: _Process
@@ -167,10 +188,6 @@ class S3Server:
     key: str = S3_KEY
     secret: str = S3_SECRET
     auth: bool = False  # True: signatures are verified, only key/secret sign validly
-
-    @property
-    def port(self) -> int:
-        return self.process.port
 
     @cached_property
     def client(self) -> Any:
@@ -227,17 +244,6 @@ class S3Server:
         listed = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for item in listed.get("Contents", [])]
 
-    def requests(self) -> list[Request]:
-        """Every request not made by this library, in arrival order."""
-        return self.process.requests()
-
-    def clear_requests(self) -> None:
-        self.process.clear_requests()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return self.process.log_tail(lines)
-
-
 @contextmanager
 def s3_server(directory: Path, *, auth: bool = False, tls: Issued | None = None,
               ca: Path | None = None) -> Iterator[S3Server]:
@@ -265,7 +271,7 @@ def s3_server(directory: Path, *, auth: bool = False, tls: Issued | None = None,
 
 
 @dataclass
-class HttpFileServer:
+class HttpFileServer(_Served):
     """Starlette StaticFiles under Hypercorn in a subprocess (tests/http_launcher.py): GET/HEAD with Ranges."""
 
     process: _Process
@@ -273,22 +279,8 @@ class HttpFileServer:
     root: Path
     basic_auth: tuple[str, str] | None = None
 
-    @property
-    def port(self) -> int:
-        return self.process.port
-
     def url_for(self, relative: str) -> str:
         return f"{self.url}/{relative.lstrip('/')}"
-
-    def requests(self) -> list[Request]:
-        return self.process.requests()
-
-    def clear_requests(self) -> None:
-        self.process.clear_requests()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return self.process.log_tail(lines)
-
 
 @contextmanager
 def http_file_server(root: Path, *, tls: Issued | None = None, basic_auth: tuple[str, str] | None = None,

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LISTEN = re.compile(r"Spice Runtime (HTTP|Flight|Metrics) listening on (\S+)")
 SPICED = [sys.executable, "-m", "spiced"]
@@ -274,3 +276,21 @@ def run_tls_target(workdir: Path) -> Iterator[Runtime]:
         assert runtime.proc.poll() is None, "the runtime died under bad input"
     text = "\n".join(runtime.logs())
     assert "Traceback" not in text, text[-3000:]
+
+
+def sql_json(rt: Runtime, query: str) -> list[dict[str, object]]:
+    """`POST /v1/sql` with `Accept: application/json`; the rows (nulls left out, as upstream)."""
+    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers={"Accept": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    rows: list[dict[str, object]] = r.json()
+    return rows
+
+
+def dataset_yaml(from_: str, name: str, params: str = "", accelerated: bool = False) -> str:
+    """One `datasets:` entry; `params` is already indented YAML (`      key: value\n` lines)."""
+    accel = "    acceleration:\n      enabled: true\n" if accelerated else ""
+    return f"  - from: {from_}\n    name: {name}\n" + (f"    params:\n{params}" if params else "") + accel
+
+
+def spicepod_yaml(*datasets: str) -> str:
+    return "version: v1\nkind: Spicepod\nname: sources\ndatasets:\n" + "".join(datasets)

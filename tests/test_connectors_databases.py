@@ -14,7 +14,7 @@ import pytest
 
 from tests.dbservers import MariaDbServer, PgServer, issue_named, mariadb_server, postgres_server
 from tests.pki import Pki
-from tests.support import Runtime, run_spiced, spiced_fails, write_pod
+from tests.support import Runtime, dataset_yaml, run_spiced, spiced_fails, spicepod_yaml, sql_json, write_pod
 
 ROWS = 20_000
 SEED_PG = f"""
@@ -48,13 +48,6 @@ def my_params(my: MariaDbServer, **extra: str) -> str:
     return "".join(f"      {k}: {v}\n" for k, v in params.items())
 
 
-def dataset(from_: str, name: str, params: str, accelerated: bool = False) -> str:
-    accel = "    acceleration:\n      enabled: true\n" if accelerated else ""
-    return f"  - from: {from_}\n    name: {name}\n    params:\n{params}{accel}"
-
-
-def pod(*datasets: str) -> str:
-    return "version: v1\nkind: Spicepod\nname: dbs\ndatasets:\n" + "".join(datasets)
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +75,15 @@ def secrets(pg: PgServer, my: MariaDbServer) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory, pg: PgServer, my: MariaDbServer) -> Iterator[Runtime]:
-    spicepod = pod(dataset("postgres:orders", "orders", pg_params(pg)),
-                   dataset("postgres:public.orders", "orders_accel", pg_params(pg), accelerated=True),
-                   dataset('postgres:crm."Customers"', "customers", pg_params(pg)),
-                   dataset("mysql:regions", "regions", my_params(my)),
-                   dataset("mysql:regions", "regions_accel", my_params(my), accelerated=True))
+    spicepod = spicepod_yaml(dataset_yaml("postgres:orders", "orders", pg_params(pg)),
+                   dataset_yaml("postgres:public.orders", "orders_accel", pg_params(pg), accelerated=True),
+                   dataset_yaml('postgres:crm."Customers"', "customers", pg_params(pg)),
+                   dataset_yaml("mysql:regions", "regions", my_params(my)),
+                   dataset_yaml("mysql:regions", "regions_accel", my_params(my), accelerated=True))
     workdir = write_pod(tmp_path_factory.mktemp("dbs"), spicepod)
     with run_spiced(workdir, env=secrets(pg, my), timeout=60) as runtime:
         yield runtime
 
-
-def sql(rt: Runtime, query: str) -> list[dict[str, object]]:
-    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers={"Accept": "application/json"}, timeout=60)
-    assert r.status_code == 200, r.text
-    rows: list[dict[str, object]] = r.json()
-    return rows
 
 
 def flight(rt: Runtime, query: str) -> pa.Table:
@@ -116,7 +103,7 @@ def test_connections_are_tls_verified_and_named_as_upstream(rt: Runtime, pg: PgS
 
 def test_a_filtered_count_is_run_by_postgres_not_moved(rt: Runtime, pg: PgServer) -> None:
     mark = pg.mark()
-    assert sql(rt, "SELECT count(*) AS n FROM orders WHERE amount > 1000 AND customer = 'c3'") == \
+    assert sql_json(rt, "SELECT count(*) AS n FROM orders WHERE amount > 1000 AND customer = 'c3'") == \
         [{"n": len([i for i in range(1, ROWS + 1) if i * 1.25 > 1000 and i % 10 == 3])}]
     sent = [s for s in pg.statements(since=mark, user="spice") if "orders" in s]
     assert len(sent) == 1, sent
@@ -125,7 +112,7 @@ def test_a_filtered_count_is_run_by_postgres_not_moved(rt: Runtime, pg: PgServer
 
 def test_a_limit_and_projection_reach_postgres(rt: Runtime, pg: PgServer) -> None:
     mark = pg.mark()
-    rows = sql(rt, "SELECT id, note FROM orders WHERE flag ORDER BY id LIMIT 3")
+    rows = sql_json(rt, "SELECT id, note FROM orders WHERE flag ORDER BY id LIMIT 3")
     assert rows == [{"id": 2, "note": "note 2"}, {"id": 4, "note": "note 4"}, {"id": 6}]  # JSON leaves out nulls
     [sent] = [s for s in pg.statements(since=mark, user="spice") if "orders" in s]
     assert "LIMIT 3" in sent and '"amount"' not in sent and "ORDER BY" in sent
@@ -147,13 +134,13 @@ def test_in_place_and_accelerated_agree_with_upstream_types(rt: Runtime) -> None
 
 
 def test_a_quoted_schema_and_table_name_keep_their_case(rt: Runtime) -> None:
-    assert sql(rt, "SELECT count(*) AS n FROM customers") == [{"n": 10}]
+    assert sql_json(rt, "SELECT count(*) AS n FROM customers") == [{"n": 10}]
 
 
 def test_a_join_across_postgres_and_mariadb_pushes_each_side_its_filter(rt: Runtime, pg: PgServer,
                                                                         my: MariaDbServer) -> None:
     pg_mark, my_mark = pg.mark(), my.mark()
-    rows = sql(rt, "SELECT r.region, count(*) AS n, sum(o.amount) AS total FROM orders o "
+    rows = sql_json(rt, "SELECT r.region, count(*) AS n, sum(o.amount) AS total FROM orders o "
                    "JOIN regions r ON o.customer = r.customer JOIN customers c ON c.customer = o.customer "
                    "WHERE o.id <= 100 AND r.region = 'north' GROUP BY r.region")
     assert rows == [{"region": "north", "n": 20, "total": pytest.approx(sum(i * 1.25 for i in range(1, 101)
@@ -175,7 +162,7 @@ def test_postgres_verify_full_refuses_a_hostname_mismatch_and_names_it(tmp_path:
     other = issue_named(pki, "db.example.test")
     with postgres_server(tmp_path / "pg", pki, server_cert=other) as pg:
         pg.run_sql("CREATE TABLE t (id int)")
-        workdir = write_pod(tmp_path / "pod", pod(dataset("postgres:t", "t", pg_params(pg))))
+        workdir = write_pod(tmp_path / "pod", spicepod_yaml(dataset_yaml("postgres:t", "t", pg_params(pg))))
         with run_spiced(workdir, env={"PG_PASS": pg.password}, ready=False) as rt:
             line = rt.wait_for_log("Failed to load data for dataset t")
             assert " WARN " in line and "postgres" in line
@@ -186,7 +173,7 @@ def test_postgres_verify_full_refuses_a_hostname_mismatch_and_names_it(tmp_path:
 
 def test_mariadb_required_refuses_an_unknown_ca(tmp_path: Path, pki: Pki, my: MariaDbServer) -> None:
     foreign = Pki.create(tmp_path / "foreign")
-    workdir = write_pod(tmp_path / "pod", pod(dataset("mysql:regions", "regions",
+    workdir = write_pod(tmp_path / "pod", spicepod_yaml(dataset_yaml("mysql:regions", "regions",
                                                       my_params(my, mysql_sslrootcert=str(foreign.ca.cert)))))
     with run_spiced(workdir, env={"MY_PASS": my.password}, ready=False) as rt:
         line = rt.wait_for_log("Failed to load data for dataset regions")
@@ -197,7 +184,7 @@ def test_a_database_down_at_startup_loads_when_it_comes_up(tmp_path: Path, pki: 
     with postgres_server(tmp_path / "pg", pki) as pg:
         pg.run_sql("CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2)")
         port, password = pg.port, pg.password
-        spicepod = pod(dataset("postgres:t", "t", pg_params(pg), accelerated=True))
+        spicepod = spicepod_yaml(dataset_yaml("postgres:t", "t", pg_params(pg), accelerated=True))
     workdir = write_pod(tmp_path / "pod", spicepod)
     with run_spiced(workdir, env={"PG_PASS": password}, ready=False) as rt:
         line = rt.wait_for_log("Failed to load data for dataset t")
@@ -209,13 +196,13 @@ def test_a_database_down_at_startup_loads_when_it_comes_up(tmp_path: Path, pki: 
 
 
 def test_wrong_parameters_give_upstream_texts(tmp_path: Path) -> None:
-    workdir = write_pod(tmp_path, pod("  - from: postgres:t\n    name: t\n    params:\n      host: x\n"
+    workdir = write_pod(tmp_path, spicepod_yaml("  - from: postgres:t\n    name: t\n    params:\n      host: x\n"
                                       "      pg_db: d\n"))
     r = spiced_fails(workdir)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].endswith(
         "Invalid configuration for connector postgres. Missing required parameter: pg_host")
-    workdir = write_pod(tmp_path, pod("  - from: postgres:t\n    name: t\n    params:\n      pg_host: x\n"
+    workdir = write_pod(tmp_path, spicepod_yaml("  - from: postgres:t\n    name: t\n    params:\n      pg_host: x\n"
                                       "      pg_sslmode: sometimes\n"))
     r = spiced_fails(workdir)
     assert "'pg_sslmode' parameter must be one of: disable, require, prefer, verify-ca, verify-full. " \
@@ -224,15 +211,15 @@ def test_wrong_parameters_give_upstream_texts(tmp_path: Path) -> None:
 
 def test_the_password_can_come_from_the_secret_store_by_its_prefixed_name(tmp_path: Path, pg: PgServer) -> None:
     params = pg_params(pg).replace("      pg_pass: ${env:PG_PASS}\n", "")
-    workdir = write_pod(tmp_path, pod(dataset("postgres:orders", "orders", params)))
+    workdir = write_pod(tmp_path, spicepod_yaml(dataset_yaml("postgres:orders", "orders", params)))
     env = {"SPICE_PG_PASS": pg.password}
     with run_spiced(workdir, env=env) as rt:
-        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        assert sql_json(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
 
 
 def test_a_literal_password_is_redacted_in_the_spicepod_api(tmp_path: Path, pg: PgServer) -> None:
     params = pg_params(pg).replace("${env:PG_PASS}", pg.password)
-    with run_spiced(write_pod(tmp_path, pod(dataset("postgres:orders", "orders", params)))) as rt:
+    with run_spiced(write_pod(tmp_path, spicepod_yaml(dataset_yaml("postgres:orders", "orders", params)))) as rt:
         [served] = httpx.get(rt.http_url + "/v1/spicepods").json()
         assert served["datasets"][0]["params"]["pg_pass"] != pg.password
         assert served["datasets"][0]["params"]["pg_host"] == "localhost"

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
 
-from tests.support import Runtime, run_spiced, spiced_fails, write_pod
+from tests.support import Runtime, run_spiced, spiced_fails, sql_json, write_pod
 from tests.tlsprobe import wait_for
 
 ROWS = 1000
@@ -72,12 +72,6 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
         yield runtime
 
 
-def sql(rt: Runtime, query: str) -> list[dict[str, object]]:
-    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers={"Accept": "application/json"}, timeout=30)
-    assert r.status_code == 200, r.text
-    rows: list[dict[str, object]] = r.json()
-    return rows
-
 
 def sent(rt: Runtime, after: int) -> list[str]:
     return [line for line in rt.logs()[after:] if "runtime.federation" in line or "sent" in line]
@@ -85,7 +79,7 @@ def sent(rt: Runtime, after: int) -> list[str]:
 
 def test_a_query_on_one_database_is_sent_to_it_whole(rt: Runtime) -> None:
     mark = len(rt.logs())
-    assert sql(rt, "SELECT count(*) AS n FROM orders WHERE amount > 1000") == [{"n": ROWS - 667}]
+    assert sql_json(rt, "SELECT count(*) AS n FROM orders WHERE amount > 1000") == [{"n": ROWS - 667}]
     line = rt.wait_for_log(r"Query sent whole to sqlite:", after=mark)
     assert 'WHERE ("orders"."amount" > 1000)' in line.replace("`", '"') or "> 1000" in line
     assert "count(" in line.lower()
@@ -94,25 +88,26 @@ def test_a_query_on_one_database_is_sent_to_it_whole(rt: Runtime) -> None:
 def test_in_place_and_accelerated_agree(rt: Runtime) -> None:
     for query in ("SELECT customer, count(*) AS n, sum(amount) AS total FROM {t} GROUP BY customer ORDER BY customer",
                   "SELECT id, amount FROM {t} WHERE id BETWEEN 10 AND 20 ORDER BY id LIMIT 5"):
-        assert sql(rt, query.format(t="orders")) == sql(rt, query.format(t="orders_accel"))
-    assert sql(rt, "SELECT * FROM customers ORDER BY customer") == \
-        sql(rt, "SELECT * FROM customers_accel ORDER BY customer")
+        assert sql_json(rt, query.format(t="orders")) == sql_json(rt, query.format(t="orders_accel"))
+    assert sql_json(rt, "SELECT * FROM customers ORDER BY customer") == \
+        sql_json(rt, "SELECT * FROM customers_accel ORDER BY customer")
 
 
 def test_a_join_across_sources_is_correct_and_each_side_gets_its_filter(rt: Runtime) -> None:
     mark = len(rt.logs())
-    rows = sql(rt, "SELECT c.name, count(*) AS n FROM orders o JOIN customers c ON o.customer = c.customer "
+    rows = sql_json(rt, "SELECT c.name, count(*) AS n FROM orders o JOIN customers c ON o.customer = c.customer "
                    "WHERE o.id < 100 AND c.vip GROUP BY c.name ORDER BY c.name")
     assert rows == [{"name": f"name {i}", "n": 10} for i in (0, 2, 4, 6, 8)]
     scans = "\n".join(rt.logs()[mark:])
     assert "Scan of orders sent to sqlite:" in scans and "< 100" in scans
     assert "Scan of customers sent to duckdb:" in scans and "vip" in scans
     # with a CSV file and an accelerated table in the same query
-    rows = sql(rt, "SELECT count(*) AS n FROM orders o JOIN orders_accel a ON o.id = a.id JOIN customers c "
+    rows = sql_json(rt, "SELECT count(*) AS n FROM orders o JOIN orders_accel a ON o.id = a.id JOIN customers c "
                    "ON c.customer = o.customer WHERE o.amount < 15")
     assert rows == [{"n": 10}]
     # a filter whose subquery reads another table stays here; the source gets no filter it cannot run
-    rows = sql(rt, "SELECT id FROM orders WHERE amount > (SELECT avg(amount) FROM orders_accel) ORDER BY id LIMIT 2")
+    rows = sql_json(rt, "SELECT id FROM orders WHERE amount > (SELECT avg(amount) FROM orders_accel) "
+                        "ORDER BY id LIMIT 2")
     assert rows == [{"id": 500}, {"id": 501}]
 
 
@@ -139,7 +134,7 @@ def test_a_missing_table_leaves_the_runtime_up_and_loads_once_it_appears(tmp_pat
         make_sqlite(tmp_path / "shop.sqlite.new")
         (tmp_path / "shop.sqlite.new").replace(tmp_path / "shop.sqlite")
         wait_for(lambda: httpx.get(rt.http_url + "/v1/ready").text == "ready", timeout=15)
-        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        assert sql_json(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
 
 
 def test_parameters_are_checked_as_upstream(tmp_path: Path) -> None:
@@ -166,19 +161,19 @@ def test_a_failed_refresh_keeps_the_last_data_and_says_so(tmp_path: Path) -> Non
                 "    params:\n      sqlite_file: shop.sqlite\n    acceleration:\n      enabled: true\n"
                 "      refresh_check_interval: 300ms\n")
     with run_spiced(write_pod(tmp_path, spicepod)) as rt:
-        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        assert sql_json(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
         with sqlite3.connect(tmp_path / "shop.sqlite") as c:
             c.execute("ALTER TABLE orders RENAME TO gone")
         line = rt.wait_for_log("Failed to load data for dataset orders")
         assert " WARN " in line and line.endswith("(the last loaded data is kept)")
-        assert sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
+        assert sql_json(rt, "SELECT count(*) AS n FROM orders") == [{"n": ROWS}]
         [status] = httpx.get(rt.http_url + "/v1/datasets?status=true").json()
         assert status["status"] == "Error" and "was not found" in status["error"]
         assert httpx.get(rt.http_url + "/v1/ready").text == "ready"  # loaded once: still serving
         with sqlite3.connect(tmp_path / "shop.sqlite") as c:
             c.execute("ALTER TABLE gone RENAME TO orders")
             c.execute("DELETE FROM orders WHERE id >= 10")
-        wait_for(lambda: sql(rt, "SELECT count(*) AS n FROM orders") == [{"n": 10}], timeout=10)
+        wait_for(lambda: sql_json(rt, "SELECT count(*) AS n FROM orders") == [{"n": 10}], timeout=10)
         [status] = httpx.get(rt.http_url + "/v1/datasets?status=true").json()
         assert status["status"] == "Ready"
         warnings = [x for x in rt.logs() if "Failed to load data for dataset orders" in x and " WARN " in x]

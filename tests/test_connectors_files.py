@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,7 +14,7 @@ import pytest
 
 from tests.objectstores import S3Server, http_file_server, s3_server, trust_env
 from tests.pki import Pki
-from tests.support import Runtime, run_spiced, spiced_fails, write_pod
+from tests.support import Runtime, dataset_yaml, run_spiced, spiced_fails, spicepod_yaml, sql_json, write_pod
 
 ROWS, GROUP = 200_000, 20_000  # 10 row groups, ~3 MB uncompressed: larger than DataFusion's footer prefetch
 NO_AWS = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""}
@@ -29,12 +28,6 @@ def write_ids(path: Path, first: int = 0, rows: int = ROWS) -> Path:
     return path
 
 
-def sql(rt: Runtime, query: str) -> list[dict[str, object]]:
-    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers={"Accept": "application/json"}, timeout=60)
-    assert r.status_code == 200, r.text
-    rows: list[dict[str, object]] = r.json()
-    return rows
-
 
 def s3_params(s3: S3Server, **extra: str) -> str:
     params = {"s3_endpoint": s3.endpoint, "s3_region": s3.region, "s3_auth": "key", "s3_key": s3.key,
@@ -42,13 +35,6 @@ def s3_params(s3: S3Server, **extra: str) -> str:
     return "".join(f"      {k}: {v}\n" for k, v in params.items() if v)
 
 
-def pod(*datasets: str) -> str:
-    return "version: v1\nkind: Spicepod\nname: files\ndatasets:\n" + "".join(datasets)
-
-
-def dataset(from_: str, name: str, params: str, accelerated: bool = False) -> str:
-    accel = "    acceleration:\n      enabled: true\n" if accelerated else ""
-    return f"  - from: {from_}\n    name: {name}\n    params:\n{params}{accel}"
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +52,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[Runtime]:
-    spicepod = pod(dataset("s3://data/ids/ids.parquet", "ids", s3_params(s3)),
-                   dataset("s3://data/ids/ids.parquet", "ids_accel", s3_params(s3), accelerated=True),
-                   dataset("s3://data/sales/", "sales", s3_params(s3, file_format="parquet",
+    spicepod = spicepod_yaml(dataset_yaml("s3://data/ids/ids.parquet", "ids", s3_params(s3)),
+                   dataset_yaml("s3://data/ids/ids.parquet", "ids_accel", s3_params(s3), accelerated=True),
+                   dataset_yaml("s3://data/sales/", "sales", s3_params(s3, file_format="parquet",
                                                                hive_partitioning_enabled="true")),
-                   dataset("s3://open/trips.csv", "trips", s3_params(s3, s3_auth="public", s3_key="",
+                   dataset_yaml("s3://open/trips.csv", "trips", s3_params(s3, s3_auth="public", s3_key="",
                                                                      s3_secret="")))
     workdir = write_pod(tmp_path_factory.mktemp("pod"), spicepod)
     with run_spiced(workdir, env={"MOTO_SECRET": s3.secret, **NO_AWS}, timeout=60) as runtime:
@@ -79,7 +65,7 @@ def rt(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[Runti
 
 def test_a_filter_reads_only_the_row_groups_it_needs(rt: Runtime, s3: S3Server) -> None:
     s3.clear_requests()
-    assert sql(rt, "SELECT count(*) AS n, sum(value) AS v FROM ids WHERE id BETWEEN 100 AND 199") == \
+    assert sql_json(rt, "SELECT count(*) AS n, sum(value) AS v FROM ids WHERE id BETWEEN 100 AND 199") == \
         [{"n": 100, "v": sum(i * 2 for i in range(100, 200))}]
     ranges = [r.byte_range for r in s3.requests() if r.method == "GET" and r.path.endswith("ids.parquet")]
     fetched = sum(last - first + 1 for first, last in (r for r in ranges if r is not None))
@@ -89,24 +75,24 @@ def test_a_filter_reads_only_the_row_groups_it_needs(rt: Runtime, s3: S3Server) 
 
 def test_in_place_and_accelerated_agree(rt: Runtime) -> None:
     query = "SELECT id, value FROM {t} WHERE id % 40000 = 7 ORDER BY id"
-    assert sql(rt, query.format(t="ids")) == sql(rt, query.format(t="ids_accel"))
-    assert sql(rt, "SELECT count(*) AS n FROM ids_accel") == [{"n": ROWS}]
+    assert sql_json(rt, query.format(t="ids")) == sql_json(rt, query.format(t="ids_accel"))
+    assert sql_json(rt, "SELECT count(*) AS n FROM ids_accel") == [{"n": ROWS}]
 
 
 def test_hive_partitions_become_columns(rt: Runtime) -> None:
-    assert sql(rt, "SELECT year, count(*) AS n FROM sales GROUP BY year ORDER BY year") == \
+    assert sql_json(rt, "SELECT year, count(*) AS n FROM sales GROUP BY year ORDER BY year") == \
         [{"year": "2023", "n": 1000}, {"year": "2024", "n": 1000}]
-    assert sql(rt, "SELECT min(id) AS first FROM sales WHERE year = '2024'") == [{"first": 1000}]
+    assert sql_json(rt, "SELECT min(id) AS first FROM sales WHERE year = '2024'") == [{"first": 1000}]
 
 
 def test_a_public_bucket_is_read_without_credentials(rt: Runtime, s3: S3Server) -> None:
     s3.clear_requests()
-    assert sql(rt, "SELECT city FROM trips ORDER BY id") == [{"city": "Seattle"}, {"city": "Portland"}]
+    assert sql_json(rt, "SELECT city FROM trips ORDER BY id") == [{"city": "Seattle"}, {"city": "Portland"}]
     assert all(r.access_key is None for r in s3.requests())
 
 
 def test_a_wrong_secret_fails_the_dataset_and_names_the_source(tmp_path: Path, s3: S3Server) -> None:
-    workdir = write_pod(tmp_path, pod(dataset("s3://data/ids/ids.parquet", "ids", s3_params(s3))))
+    workdir = write_pod(tmp_path, spicepod_yaml(dataset_yaml("s3://data/ids/ids.parquet", "ids", s3_params(s3))))
     with run_spiced(workdir, env={"MOTO_SECRET": "not-the-secret", **NO_AWS}, ready=False) as rt:
         line = rt.wait_for_log("Failed to load data for dataset ids")
         assert " WARN " in line and "ids/ids.parquet" in line and ("403" in line or "400" in line)
@@ -132,15 +118,15 @@ def test_https_files_in_place_and_accelerated_with_a_private_ca(tmp_path: Path) 
     write_ids(root / "ids.parquet")
     (root / "trips.csv").write_text("id,city\n1,Seattle\n2,Portland\n")
     with http_file_server(root, tls=pki.server) as www:
-        spicepod = pod(f"  - from: {www.url_for('ids.parquet')}\n    name: ids\n",
+        spicepod = spicepod_yaml(f"  - from: {www.url_for('ids.parquet')}\n    name: ids\n",
                        f"  - from: {www.url_for('trips.csv')}\n    name: trips\n"
                        "    acceleration:\n      enabled: true\n")
         with run_spiced(write_pod(tmp_path / "pod", spicepod), env=trust_env(pki.ca.cert)) as rt:
             www.clear_requests()
-            assert sql(rt, "SELECT count(*) AS n FROM ids WHERE id < 10") == [{"n": 10}]
+            assert sql_json(rt, "SELECT count(*) AS n FROM ids WHERE id < 10") == [{"n": 10}]
             gets = [r for r in www.requests() if r.method == "GET"]
             assert gets and all(r.range is not None for r in gets)
-            assert sql(rt, "SELECT city FROM trips ORDER BY id") == [{"city": "Seattle"}, {"city": "Portland"}]
+            assert sql_json(rt, "SELECT city FROM trips ORDER BY id") == [{"city": "Seattle"}, {"city": "Portland"}]
         # without the private CA the runtime refuses the server's certificate
         with run_spiced(write_pod(tmp_path / "pod2", spicepod), ready=False) as rt:
             line = rt.wait_for_log("Failed to load data for dataset")
@@ -151,7 +137,8 @@ def test_what_the_https_store_cannot_do_is_refused_with_a_reason(tmp_path: Path)
     base = "version: v1\nkind: Spicepod\nname: p\ndatasets:\n  - from: {url}\n    name: t\n"
     r = spiced_fails(write_pod(tmp_path, base.format(url="http://127.0.0.1:9/x.parquet")))
     assert r.returncode == 1 and "plain http:// is not supported" in r.stderr.splitlines()[-1]
-    r = spiced_fails(write_pod(tmp_path, base.format(url="https://127.0.0.1:9/x.parquet")
-                               + "    params:\n      http_password: ${env:HTTP_PASS}\n"), env={"HTTP_PASS": "s3cr3t-pw-value"})
+    with_password = (base.format(url="https://127.0.0.1:9/x.parquet")
+                     + "    params:\n      http_password: ${env:HTTP_PASS}\n")
+    r = spiced_fails(write_pod(tmp_path, with_password), env={"HTTP_PASS": "s3cr3t-pw-value"})
     assert "params.http_password: Basic authentication is not supported" in r.stderr
     assert "s3cr3t-pw-value" not in r.stderr
