@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 from datafusion import CsvReadOptions, DataFrame, SessionContext
@@ -42,6 +42,12 @@ class S3Store:
 @dataclass(frozen=True, slots=True)
 class HttpStore:
     base: str  # scheme://host[:port]
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def datafusion_store(self) -> bool:
+        """DataFusion's HTTP store speaks TLS only and sends no credentials (else http_files.py)."""
+        return self.base.startswith("https://") and self.auth is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +132,7 @@ class FileSource:
             # DataFusion appends the store's own bucket or host to the scheme given here.
             if isinstance(store, S3Store):
                 ctx.register_object_store("s3://", _s3_store(store), None)
-            else:
+            elif store.datafusion_store:
                 from datafusion.object_store import Http
 
                 ctx.register_object_store("https://", Http(store.base), urlsplit(store.base).netloc)
@@ -149,7 +155,23 @@ class FileSource:
                               table_partition_cols=self._partition_cols(),  # type: ignore[arg-type]
                               file_compression_type=o.compression or "")
 
+    def _http_dataset(self) -> Any:
+        """For plain HTTP or Basic auth, a pyarrow dataset over httpx Range requests (http_files.py)."""
+        from . import http_files
+
+        o = self.options
+        assert isinstance(o.store, HttpStore)
+        return http_files.dataset(o.url, o.file_format, o.store.auth, None, has_header=o.has_header,
+                                  delimiter=o.delimiter, quote=o.quote)
+
+    def _via_http_files(self) -> bool:
+        store = self.options.store
+        return isinstance(store, HttpStore) and not store.datafusion_store
+
     def register(self, ctx: SessionContext, name: str) -> None:
+        if self._via_http_files():
+            ctx.register_dataset(name, self._http_dataset())
+            return
         self._prepare(ctx)
         o, path = self.options, self._path()
         if o.file_format == "parquet":
@@ -172,6 +194,9 @@ class FileSource:
                              table_partition_cols=self._partition_cols(), file_compression_type=o.compression)
 
     def read(self, ctx: SessionContext) -> pa.RecordBatchReader:
+        if self._via_http_files():
+            table = self._http_dataset().to_table()
+            return pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
         table = self.frame(ctx).to_arrow_table()
         return pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
 
@@ -266,21 +291,25 @@ def http_options(scheme: str) -> Callable[[str, Checked, Path], FileOptions]:
         if not parts.hostname or not target.startswith("//"):
             raise FileOptionError("from: The specified URL in the dataset 'from' is not valid. Ensure the URL is "
                                   "valid and try again.")
-        if scheme == "http":
-            raise FileOptionError("from: plain http:// is not supported: DataFusion's HTTP object store reads over "
-                                  "TLS only; serve the file over https://")
-        for key in ("username", "password"):
-            if checked.get(key):
-                raise FileOptionError(f"params.http_{key}: Basic authentication is not supported: DataFusion's "
-                                      "HTTP object store sends no credentials")
+        user = unquote(parts.username) if parts.username else checked.get("username")
+        password = checked.get("password")
+        if parts.password:
+            raise FileOptionError("from: a password in the URL is not supported; use the `http_password` parameter")
+        if password and not user:
+            raise FileOptionError("params.http_username: Missing required parameter: http_username "
+                                  "(`http_password` is given)")
         port = checked.get("port")
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise FileOptionError("params.http_port: The specified `https_port` parameter was invalid. Specify a "
                                   "valid port number and try again.")
         netloc = parts.hostname + (f":{port or parts.port}" if port or parts.port else "")
         base = f"{scheme}://{netloc}"
-        options = listing_options(base + parts.path, parts.path.endswith("/"), checked)
-        return replace(options, store=HttpStore(base))
+        directory = parts.path.endswith("/")
+        options = listing_options(base + parts.path, directory, checked)
+        store = HttpStore(base, (user, password or "") if user else None)
+        if directory and not store.datafusion_store:
+            raise FileOptionError("from: an HTTP server cannot list a folder here: name a file")
+        return replace(options, store=store)
     return parse
 
 
