@@ -4,6 +4,7 @@ front, real pyarrow FlightClients over grpc+tls, the manager's "flight" context 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -292,11 +293,12 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(rig: Ri
     # core and log a warning per turn. The front pauses a second, as asyncio's own accept loop does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     waiting: list[socket.socket] = []
+    gc.collect()  # descriptors an earlier test left to the garbage collector would free up room below
     with caplog.at_level(logging.WARNING, logger="runtime.flight"):
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
         try:
             with contextlib.suppress(OSError):  # until this process has no descriptor left
-                for _ in range(16):
+                for _ in range(256):
                     waiting.append(socket.create_connection(("127.0.0.1", rig.port), timeout=5))
             time.sleep(1.5)  # the last connection waits in the backlog: accept() keeps failing
         finally:
