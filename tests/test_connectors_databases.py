@@ -225,3 +225,22 @@ def test_a_literal_password_is_redacted_in_the_spicepod_api(tmp_path: Path, pg: 
         assert served["datasets"][0]["params"]["pg_host"] == "localhost"
         assert pg.password not in httpx.get(rt.http_url + "/v1/spicepods").text
         assert pg.password not in "\n".join(rt.logs())
+
+
+def test_adbc_and_the_official_sdk_query_a_federated_table(rt: Runtime, pg: PgServer) -> None:
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    from tests.jsclient import run_sdk
+
+    mark = pg.mark()
+    with flightsql.connect(rt.flight_uri, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) AS n FROM orders WHERE customer = ? AND amount < ?", ("c1", 100))
+        assert cur.fetch_arrow_table().to_pylist() == [{"n": len([i for i in range(1, 80) if i % 10 == 1])}]
+    sent = [s for s in pg.statements(since=mark, user="spice") if "orders" in s]
+    assert sent and "'c1'" in sent[-1] and "count(" in sent[-1].lower()
+    out = run_sdk({"flightUrl": rt.addresses["flight"], "httpUrl": rt.http_url, "maxRetries": 0,
+                   "steps": [{"call": "sql", "query": "SELECT customer, name FROM customers ORDER BY customer LIMIT 2"},
+                             {"call": "sqlHttp", "query": "SELECT region FROM regions WHERE customer = 'c1'"}]})
+    flight_rows, http_rows = (r["rows"] for r in out["results"])
+    assert flight_rows == [{"customer": "c0", "name": "name 0"}, {"customer": "c1", "name": "name 1"}]
+    assert http_rows == [{"region": "south"}]
