@@ -17,6 +17,7 @@ schema under the dataset's name and tells the federation which source stands beh
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -110,7 +111,10 @@ class Federation:
             qctx.register_record_batches(name, [table.to_batches() or [pa.RecordBatch.from_pylist([],
                                                                                               schema=table.schema)]])
         for v in self.spicepod.views:
-            qctx.register_view(v.name, qctx.sql_with_options(v.sql, READ_ONLY))
+            try:
+                qctx.register_view(v.name, qctx.sql_with_options(v.sql, READ_ONLY))
+            except Exception as e:  # as at startup: a view that does not plan is left out
+                log.debug("View %s left out of a federated query: %s", v.name, e)
         df = qctx.sql_with_options(sql, READ_ONLY, param_values=dict(params) if params else None)
         return conformed((b.to_pyarrow() for b in df.execute_stream()), target)
 
@@ -119,10 +123,14 @@ class Federation:
         columns = [f.name for f in placeholder if "*" in wanted or f.name in wanted] or [placeholder[0].name]
         text = pushed_query(source, name, columns, reads)
         log.debug("Scan of %s sent to %s: %s", name, source.key, text)
-        table = source.query(text).read_all()
-        schema = pa.schema([placeholder.field(c) for c in columns])
-        return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(table.columns, schema, strict=True)],
-                                    schema=schema)
+        fetched = source.query(text).read_all()
+        by_name = dict(zip(columns, fetched.columns, strict=True))
+        # Columns the query does not read stay in the table, as nulls: the query (and any view it
+        # reads through) is planned again over this table and must find every column it names.
+        arrays = [by_name[f.name].cast(f.type) if f.name in by_name else pa.nulls(fetched.num_rows, f.type)
+                  for f in placeholder]
+        fields = [f if f.name in by_name else f.with_nullable(True) for f in placeholder]
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def pushed_query(source: SqlSource, name: str, columns: list[str], reads: _Reads) -> str:
@@ -176,7 +184,7 @@ def _scanned_names(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> set[s
              and (n := _scan_name(v)) is not None and n in sources}
     # A table read inside a subquery expression is not a plan input; its scan shows in the text.
     text = plan.display_indent()
-    return names | {n for n in sources if f"TableScan: {n} " in text or text.endswith(f"TableScan: {n}")}
+    return names | {n for n in sources if re.search(rf"TableScan: {re.escape(n)}(\s|$)", text, re.MULTILINE)}
 
 
 def _only_federated_scans(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> bool:

@@ -60,6 +60,9 @@ datasets:
       enabled: true
   - from: file:trips.csv
     name: trips
+views:
+  - name: big_orders
+    sql: SELECT id, customer FROM orders WHERE amount > 1000
 """
 
 
@@ -109,6 +112,12 @@ def test_a_join_across_sources_is_correct_and_each_side_gets_its_filter(rt: Runt
     rows = sql_json(rt, "SELECT id FROM orders WHERE amount > (SELECT avg(amount) FROM orders_accel) "
                         "ORDER BY id LIMIT 2")
     assert rows == [{"id": 500}, {"id": 501}]
+
+
+def test_a_view_over_a_federated_table_reads_the_source(rt: Runtime) -> None:
+    assert sql_json(rt, "SELECT count(*) AS n FROM big_orders") == [{"n": ROWS - 667}]
+    assert sql_json(rt, "SELECT count(*) AS n FROM big_orders b JOIN customers c ON b.customer = c.customer "
+                        "WHERE c.vip") == [{"n": len([i for i in range(667, ROWS) if i % 10 % 2 == 0])}]
 
 
 def test_types_over_flight_match_the_planned_schema(rt: Runtime) -> None:

@@ -86,6 +86,7 @@ class Datasets:
         self._lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._sources: dict[str, Source] = {}
+        self._views_registered = False
 
     def source(self, ds: Dataset) -> Source:
         with self._lock:
@@ -107,9 +108,9 @@ class Datasets:
             return [self._states[d.name] for d in self.spicepod.datasets if d.name in self._states]
 
     def ready(self) -> bool:
-        """Ready once every dataset has loaded once."""
+        """Ready once every dataset has loaded once and the views are registered."""
         with self._lock:
-            return all(d.name in self._loaded for d in self.spicepod.datasets)
+            return self._views_registered and all(d.name in self._loaded for d in self.spicepod.datasets)
 
     def find(self, name: str) -> Dataset | None:
         return next((d for d in self.spicepod.datasets if d.name == name), None)
@@ -137,6 +138,8 @@ class Datasets:
     def load_one(self, ds: Dataset, *, refresh: bool = False) -> bool:
         """Load `ds` once; on failure say why (WARN) and keep what was there. True when it loaded."""
         started = time.monotonic()
+        with self._lock:
+            previous = self._states.get(ds.name)
         try:
             source = self.source(ds)
             if ds.accelerated:
@@ -155,7 +158,6 @@ class Datasets:
         except Exception as e:  # an unreachable or broken source must not stop the runtime
             message = " ".join(line.strip() for line in engine_message(e).splitlines() if line.strip())
             kept = " (the last loaded data is kept)" if ds.name in self._loaded else ""
-            previous = self._states.get(ds.name)
             # One WARN per cause: retries that fail the same way say so at DEBUG.
             repeated = previous is not None and previous.status == "Error" and _shape(previous.error) == _shape(message)
             (refresh_log.debug if repeated else refresh_log.warning)(
@@ -204,6 +206,8 @@ class Datasets:
                 log.info("View %s registered.", v.name)
             except Exception as e:
                 log.error("Failed to register view %s: %s", v.name, engine_message(e))
+        with self._lock:
+            self._views_registered = True
 
     async def _refresh_loop(self, ds: Dataset, interval: float) -> None:
         while True:
