@@ -244,3 +244,19 @@ def test_adbc_and_the_official_sdk_query_a_federated_table(rt: Runtime, pg: PgSe
     flight_rows, http_rows = (r["rows"] for r in out["results"])
     assert flight_rows == [{"customer": "c0", "name": "name 0"}, {"customer": "c1", "name": "name 1"}]
     assert http_rows == [{"region": "south"}]
+
+
+def test_connections_the_server_dropped_are_replaced_without_a_failed_query(rt: Runtime, pg: PgServer,
+                                                                            my: MariaDbServer) -> None:
+    assert sql_json(rt, "SELECT count(*) AS n FROM orders WHERE id < 10") == [{"n": 9}]
+    assert sql_json(rt, "SELECT count(*) AS n FROM regions") == [{"n": 3}]
+    pg.run_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'spice'")
+    for row in my.run_sql("SELECT id FROM information_schema.processlist WHERE user = 'spice'").split():
+        my.run_sql(f"KILL {row}")
+    pg_mark, my_mark = pg.mark(), my.mark()
+    assert sql_json(rt, "SELECT count(*) AS n FROM orders WHERE id < 10") == [{"n": 9}]
+    assert sql_json(rt, "SELECT count(*) AS n FROM regions") == [{"n": 3}]
+    # each still went to its database whole, on a new connection (not run here after a failure)
+    assert any("count(" in s.lower() for s in pg.statements(since=pg_mark, user="spice"))
+    assert any("count(" in s.lower() for s in my.statements(since=my_mark, user="spice"))
+    assert not [line for line in rt.logs() if "Query failed" in line and ("orders" in line or "regions" in line)]

@@ -78,7 +78,7 @@ class EmbeddedSource(PooledSqlSource):
             return super().schema()
         # SQLite's columns have no types of their own: the driver guesses from the rows it reads,
         # so the declared types (the driver's table schema) decide.
-        conn = self._pool.take()
+        conn, _ = self._pool.take()
         try:
             schema: pa.Schema = conn.adbc_get_table_schema(self.table[-1])
         except BaseException as e:

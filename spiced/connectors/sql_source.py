@@ -44,14 +44,15 @@ class ConnectionPool:
         self._slots = threading.BoundedSemaphore(size)
         self._closed = False
 
-    def take(self) -> Any:
+    def take(self) -> tuple[Any, bool]:
+        """A connection, and whether it was used before (and so may have been dropped by the server)."""
         self._slots.acquire()
         try:
-            return self._idle.get_nowait()
+            return self._idle.get_nowait(), True
         except queue.Empty:
             pass
         try:
-            return self._connect()
+            return self._connect(), False
         except BaseException:
             self._slots.release()
             raise
@@ -111,16 +112,25 @@ class PooledSqlSource:
         return cursor, cursor.fetch_record_batch()
 
     def query(self, sql: str) -> pa.RecordBatchReader:
-        try:
-            conn = self._pool.take()
-        except Exception as e:
-            raise self.explain(e) from None
-        try:
-            cursor, reader = self._run(conn, sql)
-        except BaseException as e:
-            self._pool.give(conn, broken=True)
-            raise self.explain(e) from None
-        return pa.RecordBatchReader.from_batches(reader.schema, self._drain(conn, cursor, reader))
+        """Run `sql`. A pooled connection that fails (the server dropped it: a restart, an idle
+        timeout) is thrown away and the query sent again on the next one; a new connection's
+        failure is the answer."""
+        while True:
+            try:
+                conn, reused = self._pool.take()
+            except Exception as e:
+                raise self.explain(e) from None
+            try:
+                cursor, reader = self._run(conn, sql)
+            except Exception as e:
+                self._pool.give(conn, broken=True)
+                if reused:
+                    continue
+                raise self.explain(e) from None
+            except BaseException:
+                self._pool.give(conn, broken=True)
+                raise
+            return pa.RecordBatchReader.from_batches(reader.schema, self._drain(conn, cursor, reader))
 
     def _drain(self, conn: Any, cursor: Any, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         broken = True
