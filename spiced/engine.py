@@ -8,8 +8,10 @@ loaded and kept by `spiced.datasets`; queries that read a database in place go t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
@@ -26,6 +28,7 @@ from .stream import Deadline, QueryStream, WaitLoop
 
 READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
+T = TypeVar("T")
 Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
 
 
@@ -91,7 +94,7 @@ class Engine:
         if stored is not None:
             return QueryStream(df.schema(), stored, deadline, stopper)
         try:
-            federated = stopper.call(self.federation.run, df, sql, params)
+            federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
             if federated is not None:
                 return QueryStream(df.schema(), federated, deadline, stopper)
             stream = stopper.call(df.execute_stream)
@@ -108,3 +111,17 @@ class Engine:
             return plain_schema(self.ctx.table(name).schema())
         except Exception:
             return None
+
+
+def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], *args: object) -> T:
+    """`stopper.call(fn, *args)`, stopped with the time-limit error if the deadline passes first
+    (a database's first batch: its driver is asked to cancel, spiced.connectors.sql_source)."""
+    if deadline is None:
+        return stopper.call(fn, *args)
+    timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), stopper.stop, (deadline.error(),))
+    timer.daemon = True
+    timer.start()
+    try:
+        return stopper.call(fn, *args)
+    finally:
+        timer.cancel()

@@ -18,6 +18,7 @@ inside `call` (a Python function call checks for it), so it can never surface in
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import ctypes
 import threading
 from collections.abc import Callable
@@ -48,12 +49,18 @@ def _checkpoint() -> None:
     """Entering a Python function checks for a pending asynchronous exception."""
 
 
+# The query whose `Stopper.call` is running in this thread: code deep inside a call (a database
+# driver) registers how to cancel itself with `CURRENT.get().on_stop(...)`.
+CURRENT: contextvars.ContextVar[Stopper | None] = contextvars.ContextVar("spiced_stopper", default=None)
+
+
 class Stopper:
     """One query's off switch: `stop()` from any thread; the query's own thread runs its blocking
     DataFusion calls through `call` (or waits for a future through `wait`), which raise Stopped."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
         self._error: QueryError | None = None
         self._blocked: int | None = None  # the thread inside `call`
         self._interrupt_sent = False
@@ -74,9 +81,32 @@ class Stopper:
                 _set_async_exc(self._blocked, id(Interrupted))
                 self._interrupt_sent = True
             waiting = self._waiting
+            hooks, self._hooks = self._hooks, []
         if waiting is not None:
             waiting.cancel()
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # a driver that cannot cancel: the interrupt still lands when it returns
+                pass
         return True
+
+    def on_stop(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run `hook` (from the stopping thread) when the query is stopped, for work an interrupt
+        cannot reach: a database driver blocked in C is asked to cancel its statement. Returns
+        the function that takes the hook back."""
+        with self._lock:
+            stopped = self._error is not None
+            if not stopped:
+                self._hooks.append(hook)
+        if stopped:
+            hook()
+
+        def remove() -> None:
+            with self._lock:
+                if hook in self._hooks:
+                    self._hooks.remove(hook)
+        return remove
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` in this thread, interrupted (within about a second) by `stop`."""
@@ -86,12 +116,14 @@ class Stopper:
                 raise Stopped(self._error)
             self._blocked = me
         went_off = False
+        token = CURRENT.set(self)
         try:
             try:
                 result = fn(*args)
             except Interrupted:
                 went_off = True
             finally:
+                CURRENT.reset(token)
                 with self._lock:
                     self._blocked = None
                 if self._interrupt_sent and not went_off:

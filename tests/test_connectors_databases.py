@@ -4,7 +4,9 @@ joins across sources, failures and credentials."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,9 @@ import pytest
 
 from tests.dbservers import MariaDbServer, PgServer, issue_named, mariadb_server, postgres_server
 from tests.pki import Pki
+from tests.query_rig import cancel, wait_listed
 from tests.support import Runtime, dataset_yaml, run_spiced, spiced_fails, spicepod_yaml, sql_json, write_pod
+from tests.tlsprobe import wait_for
 
 ROWS = 20_000
 SEED_PG = f"""
@@ -260,3 +264,29 @@ def test_connections_the_server_dropped_are_replaced_without_a_failed_query(rt: 
     assert any("count(" in s.lower() for s in pg.statements(since=pg_mark, user="spice"))
     assert any("count(" in s.lower() for s in my.statements(since=my_mark, user="spice"))
     assert not [line for line in rt.logs() if "Query failed" in line and ("orders" in line or "regions" in line)]
+
+
+def test_the_query_time_limit_cancels_the_statement_at_the_database(tmp_path: Path, pg: PgServer) -> None:
+    spicepod = spicepod_yaml(dataset_yaml("postgres:orders", "orders", pg_params(pg))) + \
+        "runtime:\n  query:\n    timeout: 1s\n"
+    with run_spiced(write_pod(tmp_path, spicepod), env={"PG_PASS": pg.password}) as rt:
+        started = time.monotonic()
+        r = httpx.post(rt.http_url + "/v1/sql", timeout=60,
+                       content="SELECT count(*) FROM orders a JOIN orders b ON a.amount < b.amount")
+        took = time.monotonic() - started
+        assert r.status_code == 504, r.text
+        assert took < 5, took  # not the many seconds PostgreSQL needs for 400M pairs
+        wait_for(lambda: "canceling statement due to user request" in pg.log_text(), timeout=5)
+        assert sql_json(rt, "SELECT count(*) AS n FROM orders WHERE id <= 3") == [{"n": 3}]
+
+
+def test_a_cancel_stops_the_statement_at_the_database(rt: Runtime, pg: PgServer) -> None:
+    slow = "SELECT count(*) FROM orders a JOIN orders b ON a.amount < b.amount"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, rt.http_url + "/v1/sql", content=slow, timeout=60)
+        listed = wait_listed(rt, slow)
+        started = time.monotonic()
+        assert cancel(rt, listed["query_id"]).status_code == 200
+        assert answer.result().status_code == 499
+        assert time.monotonic() - started < 5
+    wait_for(lambda: pg.log_text().count("canceling statement due to user request") >= 1, timeout=5)

@@ -68,10 +68,15 @@ class EmbeddedSource(PooledSqlSource):
         return sqlite.connect(f"file:{self.options.path}?mode=ro", autocommit=True)  # no read transaction held open
 
     def _run(self, conn: Any, sql: str) -> tuple[Any, pa.RecordBatchReader]:
-        if self.options.engine == "duckdb":
-            cursor = conn.cursor()  # DuckDB's cursors are connections of their own to the same database
-            return cursor, cursor.sql(sql).to_arrow_reader(65_536)
+        if self.options.engine == "duckdb":  # each pooled connection serves one query at a time
+            return None, conn.sql(sql).to_arrow_reader(65_536)
         return super()._run(conn, sql)
+
+    def _cancel(self, conn: Any) -> None:
+        if self.options.engine == "duckdb":
+            conn.interrupt()
+        else:
+            super()._cancel(conn)
 
     def schema(self) -> pa.Schema:
         if self.options.engine == "duckdb":

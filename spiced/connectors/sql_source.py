@@ -6,12 +6,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 from datafusion import SessionContext
 
 from ..batches import conformed
+from ..interrupt import CURRENT
 
 
 def table_parts(text: str, *, fold: Callable[[str], str] | None = str.lower, quote: str = '"') -> tuple[str, ...]:
@@ -73,6 +75,10 @@ class ConnectionPool:
                 return
 
 
+def _nothing() -> None:
+    pass
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         if conn is not None:
@@ -120,19 +126,24 @@ class PooledSqlSource:
                 conn, reused = self._pool.take()
             except Exception as e:
                 raise self.explain(e) from None
+            stopper = CURRENT.get()
+            forget = stopper.on_stop(partial(self._cancel, conn)) if stopper is not None else _nothing
             try:
                 cursor, reader = self._run(conn, sql)
             except Exception as e:
+                forget()
                 self._pool.give(conn, broken=True)
-                if reused:
+                if reused and (stopper is None or stopper.error is None):
                     continue
                 raise self.explain(e) from None
             except BaseException:
+                forget()
                 self._pool.give(conn, broken=True)
                 raise
-            return pa.RecordBatchReader.from_batches(reader.schema, self._drain(conn, cursor, reader))
+            return pa.RecordBatchReader.from_batches(reader.schema, self._drain(conn, cursor, reader, forget))
 
-    def _drain(self, conn: Any, cursor: Any, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    def _drain(self, conn: Any, cursor: Any, reader: pa.RecordBatchReader,
+               forget: Callable[[], None]) -> Iterator[pa.RecordBatch]:
         broken = True
         try:
             yield from reader
@@ -140,8 +151,13 @@ class PooledSqlSource:
         except Exception as e:
             raise self.explain(e) from None
         finally:
+            forget()
             _close_quietly(cursor)
             self._pool.give(conn, broken=broken)
+
+    def _cancel(self, conn: Any) -> None:
+        """Ask the driver to stop the statement running on `conn` (called from another thread)."""
+        conn.adbc_cancel()
 
     def schema(self) -> pa.Schema:
         with self.query(f"SELECT * FROM {self._quoted_table()} WHERE 1 = 0") as reader:
