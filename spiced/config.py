@@ -19,9 +19,11 @@ from . import __version__
 from .connectors import CONNECTORS
 from .connectors.params import ParamError, check
 from .errors import ConfigError, TlsConfigError
+from .results_cache import CacheSettings
 from .secrets import SecretResolver, SecretStoreSpec
 from .spicepod import (
     DatasetSpec,
+    RuntimeSpec,
     SpicepodSpec,
     TlsSpec,
     find_spicepod,
@@ -121,6 +123,7 @@ class RuntimeConfig:
     query_timeout: float | None = None
     access_log: bool = False  # INFO line per HTTP request and Flight call (spiced/http/observe.py, flight/peers.py)
     pods_watcher: bool = False
+    results_cache: CacheSettings = field(default_factory=CacheSettings)
     verbosity: int = 0
     workdir: Path = field(default_factory=Path.cwd)
 
@@ -214,6 +217,53 @@ def _param_text(value: str | bool | int | float | None) -> str:
     if value is None:
         return ""
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(text: str, key: str, file: Path) -> int:
+    m = _SIZE.match(text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: {key}: "
+                          f"invalid size {text!r} (expected e.g. 128MiB, 512KB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def results_cache_settings(runtime: RuntimeSpec, file: Path) -> CacheSettings:
+    """`runtime.caching.sql_results`, else the legacy `runtime.results_cache`, else upstream's defaults."""
+    warnings: list[str] = []
+    if runtime.caching is not None and runtime.caching.sql_results is not None:
+        s = runtime.caching.sql_results
+        where, size_key, size, swr = "runtime.caching.sql_results", "max_size", s.max_size, s.stale_while_revalidate_ttl
+        policy, key_type, enabled, ttl = s.caching_policy, s.cache_key_type, s.enabled, s.item_ttl
+        hashing, engine = s.hashing_algorithm, s.engine
+        if s.encoding != "none":
+            warnings.append(f"{where}.encoding: {s.encoding} is not supported; results are held unencoded")
+        if s.warmup != "disabled":
+            warnings.append(f"{where}.warmup: {s.warmup} is not supported; the cache fills as queries run")
+    elif runtime.results_cache is not None:
+        r = runtime.results_cache
+        where, size_key, size, swr = "runtime.results_cache", "cache_max_size", r.cache_max_size, None
+        policy, key_type, enabled, ttl = r.caching_policy, r.cache_key_type, r.enabled, r.item_ttl
+        hashing, engine = r.hashing_algorithm, r.engine
+    else:
+        return CacheSettings()
+    if swr is not None:
+        warnings.append(f"{where}.stale_while_revalidate_ttl: not supported; entries expire after item_ttl "
+                        "(a client may still accept them with Cache-Control: max-stale)")
+    if policy != "lru":
+        warnings.append(f"{where}.eviction_policy: {policy} is not supported; the least recently used goes first")
+    if hashing is not None:
+        warnings.append(f"{where}.hashing_algorithm: {hashing} is not used; keys are compared whole")
+    if engine is not None:
+        warnings.append(f"{where}.engine: {engine} is not used; the cache is the runtime's own")
+    return CacheSettings(enabled=enabled, max_size=parse_size(size, f"{where}.{size_key}", file),
+                         item_ttl=parse_duration(ttl, f"{where}.item_ttl", file), key_type=key_type,
+                         max_size_text=size, item_ttl_text=ttl, warnings=tuple(warnings))
 
 
 def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretResolver) -> Dataset:
@@ -392,6 +442,7 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
     if spec.runtime.query and spec.runtime.query.timeout:
         timeout = parse_duration(spec.runtime.query.timeout, "runtime.query.timeout", file)
     pod = Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw)
+    cache = results_cache_settings(spec.runtime, file)
     return RuntimeConfig(
         spicepod=pod,
         http_addr=args.http or ("127.0.0.1", 8090),
@@ -402,6 +453,7 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
         query_timeout=timeout,
         access_log=bool(args.access_log) or bool(spec.runtime.access_log),
         pods_watcher=args.pods_watcher_enabled,
+        results_cache=cache,
         verbosity=2 if args.very_verbose else args.verbose,
         workdir=workdir,
     )

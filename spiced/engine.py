@@ -8,24 +8,49 @@ loaded and kept by `spiced.datasets`; queries that read a database in place go t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow as pa
-from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
+from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQLOptions
+from datafusion.expr import (
+    Aggregate,
+    Distinct,
+    Filter,
+    Join,
+    Limit,
+    Projection,
+    Sort,
+    SubqueryAlias,
+    TableScan,
+    Union,
+    Window,
+)
 
 from .batches import PLAIN_ARROW_TYPES, plain_schema
 from .config import Spicepod
 from .datasets.arrow_store import ArrowStore
-from .datasets.lifecycle import Datasets
+from .datasets.lifecycle import Datasets, format_size
 from .errors import QueryError, engine_error
 from .federation import Federation
 from .interrupt import Stopped, Stopper
 from .metrics import Metrics
+from .results_cache import (
+    UNCACHEABLE_SCHEMAS,
+    CacheRequest,
+    CacheSettings,
+    CacheStatus,
+    Entry,
+    ResultsCache,
+    not_cached,
+)
 from .stream import Deadline, QueryStream, WaitLoop
 
+cache_log = logging.getLogger("runtime.init.caching")
 READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
 T = TypeVar("T")
@@ -43,14 +68,24 @@ def session_config() -> SessionConfig:
 
 
 class Engine:
-    def __init__(self, spicepod: Spicepod, metrics: Metrics) -> None:
+    def __init__(self, spicepod: Spicepod, metrics: Metrics, cache: CacheSettings | None = None) -> None:
         self.ctx = SessionContext(session_config())
         self.spicepod = spicepod
         self.metrics = metrics
         self.store = ArrowStore(self.ctx)
         self.federation = Federation(self.ctx, spicepod, session_config)
-        self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics)
+        self.cache = ResultsCache(cache, metrics) if cache is not None and cache.enabled else None
+        self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics,
+                                 on_loaded=self.cache.invalidate if self.cache is not None else None)
         self._loop = WaitLoop()
+        self._cacheable = {d.name for d in spicepod.datasets} | {v.name for v in spicepod.views}
+        if cache is not None:
+            for warning in cache.warnings:
+                cache_log.warning("%s", warning)
+            if cache.enabled:
+                cache_log.info("Initialized sql results cache; max size: %s, item ttl: %s, hashing algorithm: none "
+                               "(keys compared whole), encoding: none", format_size(cache.max_size),
+                               cache.item_ttl_text)
 
     def close(self) -> None:
         """After the drain: queries are over."""
@@ -81,7 +116,7 @@ class Engine:
         return plain_schema(self.plan(sql, params).schema())
 
     def execute(self, sql: str, timeout: float | None = None, params: Params | None = None,
-                stopper: Stopper | None = None) -> QueryStream:
+                stopper: Stopper | None = None, cache: CacheRequest | None = None) -> QueryStream:
         """Plan and start executing; errors raised before the first batch are QueryErrors.
 
         With a `timeout` (seconds from now), a batch not ready by then ends the query with a
@@ -90,6 +125,46 @@ class Engine:
         stopper = stopper or Stopper()
         df = self.plan(sql, params)
         deadline = Deadline(timeout, self._loop.get()) if timeout is not None else None
+        cached = self._cached(df, sql, params, cache) if self.cache is not None and cache is not None else None
+        if cached is not None and cached.hit is not None:
+            result = QueryStream(df.schema(), iter(cached.hit.batches), deadline, stopper)
+            result.cache_status = cached.status
+            return result
+        result = self._run(df, sql, params, deadline, stopper)
+        if cached is not None:
+            result.cache_status = cached.status
+            result.keep(cached.store, self.cache.settings.max_size if self.cache is not None else 0)
+        return result
+
+    def _cached(self, df: DataFrame, sql: str, params: Params | None, request: CacheRequest) -> _Cached | None:
+        """The cache's answer for a cacheable query (None: the cache does not apply to it)."""
+        assert self.cache is not None
+        plan = df.logical_plan()
+        if not isinstance(plan.to_variant(), (Projection, Aggregate, Sort, Limit, Filter, Join, Distinct,
+                                              SubqueryAlias, Union, TableScan, Window)):
+            return None  # EXPLAIN, DESCRIBE, SHOW and the like
+        text = plan.display_indent()
+        if "TableScan: " not in text:
+            return None  # reads no dataset
+        # Only datasets and views, whose scans the plan's text describes whole: a table function
+        # (generate_series) shows as a bare `tmp_table`, without its arguments.
+        named = _scanned(plan)
+        if any(schema not in (None, "public") or name not in self._cacheable for schema, name in named):
+            return None
+        tables = _scanned(df.optimized_logical_plan())
+        if not tables or any(schema in UNCACHEABLE_SCHEMAS for schema, _ in tables):
+            return None
+        key = self.cache.key(request, sql, text, params)
+        lookup = self.cache.lookup(key, request)
+        if lookup.entry is None and request.only_if_cached:
+            raise not_cached()
+        cache = self.cache
+        names = [name for _, name in tables]
+        return _Cached(lookup.status, lookup.entry,
+                       lambda batches: cache.store(key, plain_schema(df.schema()), batches, names))
+
+    def _run(self, df: DataFrame, sql: str, params: Params | None, deadline: Deadline | None,
+             stopper: Stopper) -> QueryStream:
         stored = self.store.stored_scan(df)
         if stored is not None:
             return QueryStream(df.schema(), stored, deadline, stopper)
@@ -111,6 +186,24 @@ class Engine:
             return plain_schema(self.ctx.table(name).schema())
         except Exception:
             return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    status: CacheStatus
+    hit: Entry | None
+    store: Callable[[list[pa.RecordBatch]], None]
+
+
+def _scanned(plan: LogicalPlan) -> list[tuple[str | None, str]]:
+    """(schema, table) of every TableScan in `plan`, subqueries in expressions included."""
+    found: list[tuple[str | None, str]] = []
+    for line in plan.display_indent().splitlines():
+        line = line.strip()
+        if line.startswith("TableScan: "):
+            parts = line.removeprefix("TableScan: ").split(" ", 1)[0].split(".")
+            found.append((parts[-2] if len(parts) > 1 else None, parts[-1]))
+    return found
 
 
 def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], *args: object) -> T:

@@ -55,8 +55,9 @@ class MaterialError(SpicedError):
 #   timeout              runtime.query.timeout expired
 #   cancelled            POST /v1/sql/{id}/cancel
 #   disconnected         the client went away before the last batch (never raised by the engine)
+#   not_cached           `Cache-Control: only-if-cached` and no cached result (spiced/results_cache.py)
 QueryErrorKind = Literal["syntax", "planning", "execution", "unsupported", "resources_exhausted", "internal",
-                         "timeout", "cancelled", "disconnected"]
+                         "timeout", "cancelled", "disconnected", "not_cached"]
 CLIENT_ERROR_KINDS: frozenset[QueryErrorKind] = frozenset({"syntax", "planning", "execution", "unsupported"})
 
 

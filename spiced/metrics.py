@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -67,6 +67,11 @@ class Metrics:
             "client_cert_requests", description="Requests that presented a verified client certificate.")
         self.anonymous_requests = m.create_counter(
             "client_cert_absent_requests", description="Requests without a client certificate.")
+
+    @property
+    def meter(self) -> Meter:
+        """For a component that owns its instruments (spiced/results_cache.py)."""
+        return self._meter
 
     def observe(self, name: str, description: str,
                 callback: Callable[[CallbackOptions], Iterable[Observation]]) -> None:

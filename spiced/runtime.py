@@ -62,7 +62,7 @@ class Runtime:
 
             tls = TlsManager.create(self.config.tls, self.metrics)  # raises TlsConfigError → exit 1
         self._bind_all()
-        engine = Engine(self.config.spicepod, self.metrics)
+        engine = Engine(self.config.spicepod, self.metrics, self.config.results_cache)
         self.state = RuntimeState(self.config, engine, self.metrics, ApiKeys(self.config.api_keys), tls)
         try:
             return asyncio.run(self._serve())

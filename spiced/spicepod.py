@@ -57,8 +57,55 @@ class TaskHistorySpec(_Strict):
     retention_check_interval: str | None = None
 
 
+class SqlResultsCacheSpec(_Strict):
+    """`runtime.caching.sql_results` (upstream v2); spiced/results_cache.py says what is acted on."""
+
+    enabled: bool = True
+    max_size: str = "128MiB"
+    item_ttl: str = "1s"
+    caching_policy: Literal["lru", "tiny_lfu"] = Field(default="lru", alias="eviction_policy")
+    hashing_algorithm: Literal["siphash", "ahash", "xxh3", "xxh32", "xxh64", "xxh128", "blake3"] | None = None
+    cache_key_type: Literal["plan", "sql"] = "plan"
+    engine: Literal["moka", "pingora"] | None = None
+    stale_while_revalidate_ttl: str | None = None
+    encoding: Literal["none", "zstd"] = "none"
+    warmup: Literal["disabled", "on_first_refresh"] = "disabled"
+
+
+class OtherCacheSpec(_Strict):
+    """`runtime.caching.search_results` / `embeddings`: no search or embeddings here."""
+
+    enabled: bool = True
+    max_size: str | None = None
+    item_ttl: str | None = None
+    caching_policy: Literal["lru", "tiny_lfu"] | None = Field(default=None, alias="eviction_policy")
+    hashing_algorithm: str | None = None
+    engine: str | None = None
+
+
+class CachingSpec(_Strict):
+    sql_results: SqlResultsCacheSpec | None = None
+    search_results: OtherCacheSpec | None = None
+    embeddings: OtherCacheSpec | None = None
+
+
+class LegacyResultsCacheSpec(_Strict):
+    """`runtime.results_cache` (v1), which upstream carries over to `caching.sql_results`."""
+
+    enabled: bool = True
+    cache_max_size: str = "128MiB"
+    item_ttl: str = "1s"
+    caching_policy: Literal["lru", "tiny_lfu"] = Field(default="lru", alias="eviction_policy")
+    cache_key_type: Literal["plan", "sql"] = "plan"
+    hashing_algorithm: Literal["siphash", "ahash", "xxh3", "xxh32", "xxh64", "xxh128", "blake3"] | None = None
+    engine: Literal["moka", "pingora"] | None = None
+    max_stale_while_revalidate: str | None = None
+
+
 class RuntimeSpec(_Loose):
     tls: TlsSpec | None = None
+    caching: CachingSpec | None = None
+    results_cache: LegacyResultsCacheSpec | None = None
     auth: AuthSpec | None = None
     query: QuerySpec | None = None
     task_history: TaskHistorySpec | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 from datafusion.record_batch import RecordBatchStream
@@ -13,6 +13,7 @@ from datafusion.record_batch import RecordBatchStream
 from .batches import plain_schema
 from .errors import QueryError, engine_error
 from .interrupt import Stopped, Stopper
+from .results_cache import CacheStatus
 
 
 class WaitLoop:
@@ -76,6 +77,15 @@ class QueryStream:
         self._stopper = stopper or Stopper()
         self._started = False  # whether the first batch has been asked for
         self.rows = 0
+        self.cache_status: CacheStatus | None = None  # None: the results cache does not apply
+        self._keep: Callable[[list[pa.RecordBatch]], None] | None = None
+        self._kept: list[pa.RecordBatch] = []
+        self._kept_bytes = self._keep_limit = 0
+
+    def keep(self, store: Callable[[list[pa.RecordBatch]], None], limit: int) -> None:
+        """Hand every batch to `store` once the stream ends whole, if they add up to `limit` bytes
+        at most (the results cache keeps them; a larger result is not held at all)."""
+        self._keep, self._keep_limit = store, limit
 
     def _next(self) -> object:
         outcome = self._fetch()
@@ -121,6 +131,9 @@ class QueryStream:
             try:
                 batch = self._next()
             except StopIteration:
+                if self._keep is not None:
+                    self._keep(self._kept)
+                    self._keep, self._kept = None, []
                 return
             except QueryError:
                 raise
@@ -132,6 +145,12 @@ class QueryStream:
             elif not rb.schema.equals(self.schema):  # DataFusion plans a column nullable, then sends it non-null
                 rb = pa.RecordBatch.from_arrays(rb.columns, schema=self.schema)
             self.rows += rb.num_rows
+            if self._keep is not None:
+                self._kept_bytes += rb.nbytes
+                if self._kept_bytes > self._keep_limit:
+                    self._keep, self._kept = None, []
+                else:
+                    self._kept.append(rb)
             yield rb
 
     def reader(self) -> pa.RecordBatchReader:

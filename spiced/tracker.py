@@ -46,6 +46,7 @@ ERR_CODES: dict[QueryErrorKind, str] = {
     "timeout": "QueryTimeout",
     "cancelled": "QueryCancelled",
     "disconnected": "Cancelled",
+    "not_cached": "NotCached",
 }
 DISCONNECTED = "The client went away before the last batch"
 

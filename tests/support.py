@@ -278,9 +278,11 @@ def run_tls_target(workdir: Path) -> Iterator[Runtime]:
     assert "Traceback" not in text, text[-3000:]
 
 
-def sql_json(rt: Runtime, query: str) -> list[dict[str, object]]:
-    """`POST /v1/sql` with `Accept: application/json`; the rows (nulls left out, as upstream)."""
-    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers={"Accept": "application/json"}, timeout=60)
+def sql_json(rt: Runtime, query: str, *, cached: bool = True) -> list[dict[str, object]]:
+    """`POST /v1/sql` with `Accept: application/json`; the rows (nulls left out, as upstream).
+    `cached=False` sends `Cache-Control: no-cache`: the query runs even if a result is cached."""
+    headers = {"Accept": "application/json"} | ({} if cached else {"Cache-Control": "no-cache"})
+    r = httpx.post(rt.http_url + "/v1/sql", content=query, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     rows: list[dict[str, object]] = r.json()
     return rows

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,12 +76,13 @@ def backoff(attempt: int, cap: float = RETRY_MAX_SECONDS) -> float:
 
 class Datasets:
     def __init__(self, spicepod: Spicepod, ctx: SessionContext, store: ArrowStore, federation: Federation,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, on_loaded: Callable[[str], None] | None = None) -> None:
         self.spicepod = spicepod
         self.ctx = ctx
         self.store = store
         self.federation = federation
         self.metrics = metrics
+        self._on_loaded = on_loaded  # told each dataset whose data changed (the results cache drops its entries)
         self._states: dict[str, DatasetState] = {}
         self._loaded: set[str] = set()  # loaded once: ready from then on
         self._lock = threading.Lock()
@@ -154,6 +156,8 @@ class Datasets:
             else:
                 source.register(self.ctx, ds.name)
             self._set_state(ds, "Ready")
+            if self._on_loaded is not None:
+                self._on_loaded(ds.name)
             return True
         except Exception as e:  # an unreachable or broken source must not stop the runtime
             message = " ".join(line.strip() for line in engine_message(e).splitlines() if line.strip())

@@ -152,6 +152,9 @@ class CallRecord(flight.ServerMiddleware):
         self._token = token
         self._active = active
         self._log_level = log_level
+        self.cache_control: str | None = None  # the results-cache request headers (spiced/results_cache.py)
+        self.cache_key: str | None = None
+        self.api_key: str | None = None  # the bearer the call was let in with, when API keys are on
         active.add(1)
 
     @staticmethod
@@ -197,7 +200,11 @@ class CallMiddlewareFactory(flight.ServerMiddlewareFactory):
         except flight.FlightUnauthenticatedError as e:
             _log_call(self._log_level, method, None, None, (time.perf_counter() - started) * 1000, e, None, "unknown")
             raise
-        return CallRecord(method, self._metrics, self.active, log_level=self._log_level)
+        record = CallRecord(method, self._metrics, self.active, log_level=self._log_level)
+        record.cache_control = _first(headers, "cache-control")
+        record.cache_key = _first(headers, "spice-cache-key")
+        record.api_key = bearer_token(authorization) if self._keys.enabled else None
+        return record
 
     def _handshake_token(self, authorization: str | None) -> str:
         if not self._keys.enabled:

@@ -31,10 +31,12 @@ from ..batches import coalesce
 from ..engine import Params
 from ..errors import CLIENT_ERROR_KINDS, QueryError
 from ..identity import ClientIdentity
+from ..results_cache import CacheRequest, CacheRequestError, parse_request, principal_of, response_headers
 from ..state import RuntimeState
 from ..stream import QueryStream
 from ..tracker import QueryTracker, disconnected
 from . import stream as streams
+from .peers import CallRecord
 
 _BARE = ("Error during planning: ", "Execution error: ", "External error: ")
 
@@ -51,6 +53,8 @@ def _stopped_early(e: QueryError) -> flight.FlightError | None:
         return flight.FlightTimedOutError(str(e))
     if e.kind == "cancelled":
         return flight.FlightCancelledError(str(e))
+    if e.kind == "not_cached":
+        return flight.FlightUnavailableError(str(e))
     return None
 
 
@@ -70,16 +74,30 @@ def _stream_error(e: QueryError) -> streams.StreamError:
     return streams.StreamError("invalid_argument", bare(str(e)))
 
 
+def cache_request(context: flight.ServerCallContext, identity: ClientIdentity | None) -> CacheRequest:
+    record = CallRecord.of(context)
+    return parse_request(record.cache_control if record else None, record.cache_key if record else None,
+                         principal_of(record.api_key if record else None, identity.fingerprint if identity else None))
+
+
 def stream_query(state: RuntimeState, sql_text: str, protocol: Literal["flight", "flightsql"],
                  identity: ClientIdentity | None, params: Params | None = None, *,
-                 raw: bool = False) -> flight.FlightDataStream:
-    """`raw`: a raw-SQL ticket sent straight to DoGet (planning errors as upstream: INTERNAL)."""
+                 raw: bool = False, context: flight.ServerCallContext | None = None) -> flight.FlightDataStream:
+    """`raw`: a raw-SQL ticket sent straight to DoGet (planning errors as upstream: INTERNAL).
+    `context`: the call, whose results-cache headers are read and answered."""
+    try:
+        cache = cache_request(context, identity) if context is not None else None
+    except CacheRequestError as e:
+        return flight.RecordBatchStream(streams.failing_reader("invalid_argument", str(e)))
     tracker = QueryTracker(state, protocol, sql_text, identity)
     try:
-        result = state.engine.execute(sql_text, state.config.query_timeout, params, tracker.stopper)
+        result = state.engine.execute(sql_text, state.config.query_timeout, params, tracker.stopper, cache)
     except QueryError as e:
         tracker.finish(0, e)
         return _refused(e, raw)
+    if context is not None and cache is not None:
+        for name, value in response_headers(result.cache_status, cache).items():
+            context.add_header(name.lower(), value)
     tracker.executing()
     pending = coalesce(result)
     head: list[pa.RecordBatch] = []

@@ -244,7 +244,7 @@ class SpiceFlightServer(flight.FlightServerBase):
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", f"Invalid ticket: {e}"))
-            return stream_query(self.state, text, "flight", identity, raw=raw)
+            return stream_query(self.state, text, "flight", identity, raw=raw, context=context)
         if isinstance(command, sql.UnknownCommand):
             self._begin(context)
             return flight.RecordBatchStream(streams.failing_reader("unimplemented", NOT_IMPLEMENTED))
@@ -253,14 +253,14 @@ class SpiceFlightServer(flight.FlightServerBase):
             return flight.RecordBatchStream(streams.failing_reader("invalid_argument", command.message))
         identity = self._begin(context, sql.command_label(command))
         if isinstance(command, pb.CommandStatementQuery):
-            return stream_query(self.state, command.query, "flightsql", identity)
+            return stream_query(self.state, command.query, "flightsql", identity, context=context)
         if isinstance(command, pb.CommandPreparedStatementQuery):
             try:
                 bound = prepared.decode_handle(command.prepared_statement_handle)
             except prepared.PreparedError as e:
                 return flight.RecordBatchStream(streams.failing_reader("invalid_argument", str(e)))
             text, values = bound.query()
-            return stream_query(self.state, text, "flightsql", identity, values)
+            return stream_query(self.state, text, "flightsql", identity, values, context=context)
         if sql.is_metadata(command):
             try:
                 return flight.RecordBatchStream(sql.metadata_table(self.state.engine, command))

@@ -28,10 +28,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import Send
 
+from ..auth import bearer_token
 from ..batches import coalesce
 from ..engine import Params
 from ..errors import QueryError
 from ..identity import ClientIdentity
+from ..results_cache import CacheRequest, CacheRequestError, parse_request, principal_of, response_headers
 from ..state import RuntimeState
 from ..tracker import QueryTracker, disconnected
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
@@ -61,8 +63,10 @@ class QueryRun:
     the encoders; the caller runs each in a worker thread, one at a time."""
 
     def __init__(self, state: RuntimeState, sql: str, media_type: MediaType, params: Params | None = None,
-                 identity: ClientIdentity | None = None) -> None:
+                 identity: ClientIdentity | None = None, cache: CacheRequest | None = None) -> None:
         self.tracker = QueryTracker(state, "http", sql, identity)
+        self.cache = cache
+        self.cache_headers: dict[str, str] = {}
         self.state = state
         self.sql = sql
         self.params = params
@@ -75,7 +79,9 @@ class QueryRun:
     def start(self) -> Chunks:
         """Plan, execute and encode the first batch (QueryError on failure)."""
         stream = self.state.engine.execute(self.sql, self.state.config.query_timeout, self.params,
-                                           self.tracker.stopper)
+                                           self.tracker.stopper, self.cache)
+        if self.cache is not None:
+            self.cache_headers = response_headers(stream.cache_status, self.cache)
         self.tracker.executing()
         self._batches = coalesce(iter(stream))
         self._encoder = encoder_for(self.media_type, stream.schema)
@@ -138,7 +144,8 @@ class QueryResponse(StreamingResponse):
 
     def __init__(self, run: QueryRun, first: Chunks) -> None:
         # As a header rather than media_type: Starlette would add "; charset=utf-8" to text/csv.
-        super().__init__(run.chunks(first), headers={"content-type": CONTENT_TYPES[run.media_type]})
+        super().__init__(run.chunks(first), headers={"content-type": CONTENT_TYPES[run.media_type],
+                                                     **run.cache_headers})
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -178,7 +185,12 @@ async def sql_endpoint(request: Request) -> Response:
         sql, params = read_query(body, request.headers.get("content-type"))
     except RequestError as e:
         return bad_request(str(e))
-    run = QueryRun(state, sql, negotiate(request.headers.get("accept")), params, client_identity(request.scope))
+    identity = client_identity(request.scope)
+    try:
+        cache = http_cache_request(request, state, identity)
+    except CacheRequestError as e:
+        return bad_request(str(e))
+    run = QueryRun(state, sql, negotiate(request.headers.get("accept")), params, identity, cache)
     try:
         first = await run.first_chunks()
     except QueryError as e:
@@ -193,13 +205,25 @@ async def sql_endpoint(request: Request) -> Response:
         raise
     if run.done:
         run.finish()
-        return Response(b"".join(first), headers={"content-type": CONTENT_TYPES[run.media_type]})
+        return Response(b"".join(first), headers={"content-type": CONTENT_TYPES[run.media_type],
+                                                  **run.cache_headers})
     return QueryResponse(run, first)
+
+
+def http_cache_request(request: Request, state: RuntimeState, identity: ClientIdentity | None) -> CacheRequest:
+    """The results-cache request of an HTTP query; the principal is the API key the gate let in,
+    else the verified client certificate."""
+    headers = request.headers
+    api_key = None
+    if state.api_keys.enabled:
+        api_key = headers.get("x-api-key") or bearer_token(headers.get("authorization"))
+    return parse_request(headers.get("cache-control"), headers.get("spice-cache-key"),
+                         principal_of(api_key, identity.fingerprint if identity else None))
 
 
 def failed(e: QueryError) -> Response:
     """The status and text for a query that failed before its header went out (module docstring)."""
     if e.kind == "cancelled":
         return PlainTextResponse(str(e), status_code=499)
-    status = {"timeout": 504, "resources_exhausted": 503}.get(e.kind, 400)
+    status = {"timeout": 504, "not_cached": 504, "resources_exhausted": 503}.get(e.kind, 400)
     return PlainTextResponse(f"Failed to execute query: {e}", status_code=status)
