@@ -236,6 +236,11 @@ def parse_size(text: str, key: str, file: Path) -> int:
 def results_cache_settings(runtime: RuntimeSpec, file: Path) -> CacheSettings:
     """`runtime.caching.sql_results`, else the legacy `runtime.results_cache`, else upstream's defaults."""
     warnings: list[str] = []
+    if runtime.caching is not None:
+        for other in ("search_results", "embeddings"):
+            if getattr(runtime.caching, other) is not None:
+                warnings.append(f"runtime.caching.{other}: not supported (this runtime has no search or "
+                                "embeddings); ignored")
     if runtime.caching is not None and runtime.caching.sql_results is not None:
         s = runtime.caching.sql_results
         where, size_key, size, swr = "runtime.caching.sql_results", "max_size", s.max_size, s.stale_while_revalidate_ttl
@@ -251,7 +256,7 @@ def results_cache_settings(runtime: RuntimeSpec, file: Path) -> CacheSettings:
         policy, key_type, enabled, ttl = r.caching_policy, r.cache_key_type, r.enabled, r.item_ttl
         hashing, engine = r.hashing_algorithm, r.engine
     else:
-        return CacheSettings()
+        return CacheSettings(warnings=tuple(warnings))
     if swr is not None:
         warnings.append(f"{where}.stale_while_revalidate_ttl: not supported; entries expire after item_ttl "
                         "(a client may still accept them with Cache-Control: max-stale)")

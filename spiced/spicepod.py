@@ -57,6 +57,9 @@ class TaskHistorySpec(_Strict):
     retention_check_interval: str | None = None
 
 
+HashingAlgorithm = Literal["siphash", "ahash", "xxh3", "xxh32", "xxh64", "xxh128", "blake3"]
+
+
 class SqlResultsCacheSpec(_Strict):
     """`runtime.caching.sql_results` (upstream v2); spiced/results_cache.py says what is acted on."""
 
@@ -64,7 +67,7 @@ class SqlResultsCacheSpec(_Strict):
     max_size: str = "128MiB"
     item_ttl: str = "1s"
     caching_policy: Literal["lru", "tiny_lfu"] = Field(default="lru", alias="eviction_policy")
-    hashing_algorithm: Literal["siphash", "ahash", "xxh3", "xxh32", "xxh64", "xxh128", "blake3"] | None = None
+    hashing_algorithm: HashingAlgorithm | None = None
     cache_key_type: Literal["plan", "sql"] = "plan"
     engine: Literal["moka", "pingora"] | None = None
     stale_while_revalidate_ttl: str | None = None
@@ -97,7 +100,7 @@ class LegacyResultsCacheSpec(_Strict):
     item_ttl: str = "1s"
     caching_policy: Literal["lru", "tiny_lfu"] = Field(default="lru", alias="eviction_policy")
     cache_key_type: Literal["plan", "sql"] = "plan"
-    hashing_algorithm: Literal["siphash", "ahash", "xxh3", "xxh32", "xxh64", "xxh128", "blake3"] | None = None
+    hashing_algorithm: HashingAlgorithm | None = None
     engine: Literal["moka", "pingora"] | None = None
     max_stale_while_revalidate: str | None = None
 

@@ -153,10 +153,12 @@ def test_results_never_cross_api_keys(tmp_path: Path) -> None:
 
 
 def test_disabled_legacy_and_unsupported_keys(tmp_path: Path) -> None:
-    off = POD.replace("      item_ttl: 400ms\n", "      enabled: false\n")
+    off = POD.replace("      item_ttl: 400ms\n", "      enabled: false\n").replace(
+        "  caching:\n", "  caching:\n    search_results:\n      enabled: true\n")
     with run_spiced(write_pod(tmp_path / "off", off, csv=CSV)) as rt:
         assert status(post(rt, COUNT)) is None
         assert not any("Initialized sql results cache" in line for line in rt.logs())
+        assert any(" WARN " in line and "runtime.caching.search_results: not supported" in line for line in rt.logs())
     legacy = POD.replace("  caching:\n    sql_results:\n      item_ttl: 400ms\n      max_size: 256KiB\n",
                          "  results_cache:\n    enabled: true\n    cache_max_size: 1MiB\n    item_ttl: 5s\n"
                          "    hashing_algorithm: xxh3\n")
