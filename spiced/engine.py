@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow as pa
-from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext, SQLOptions
+from datafusion import DataFrame, SessionConfig, SessionContext
 from datafusion.expr import (
     Aggregate,
     Distinct,
@@ -39,8 +39,8 @@ from .errors import QueryError, engine_error
 from .federation import Federation
 from .interrupt import Stopped, Stopper
 from .metrics import Metrics
+from .plans import READ_ONLY, dataset_name, scanned
 from .results_cache import (
-    UNCACHEABLE_SCHEMAS,
     CacheRequest,
     CacheSettings,
     CacheStatus,
@@ -51,7 +51,6 @@ from .results_cache import (
 from .stream import Deadline, QueryStream, WaitLoop
 
 cache_log = logging.getLogger("runtime.init.caching")
-READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
 T = TypeVar("T")
 Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
@@ -133,7 +132,7 @@ class Engine:
         result = self._run(df, sql, params, deadline, stopper)
         if cached is not None:
             result.cache_status = cached.status
-            result.keep(cached.store, self.cache.settings.max_size if self.cache is not None else 0)
+            result.keep(cached.store, cached.limit)
         return result
 
     def _cached(self, df: DataFrame, sql: str, params: Params | None, request: CacheRequest) -> _Cached | None:
@@ -147,21 +146,23 @@ class Engine:
         if "TableScan: " not in text:
             return None  # reads no dataset
         # Only datasets and views, whose scans the plan's text describes whole: a table function
-        # (generate_series) shows as a bare `tmp_table`, without its arguments.
-        named = _scanned(plan)
-        if any(schema not in (None, "public") or name not in self._cacheable for schema, name in named):
-            return None
-        tables = _scanned(df.optimized_logical_plan())
-        if not tables or any(schema in UNCACHEABLE_SCHEMAS for schema, _ in tables):
+        # (generate_series) shows as a bare `tmp_table`, without its arguments. The catalog
+        # (information_schema) is never a dataset.
+        if any(dataset_name(*ref) not in self._cacheable for ref in scanned(text)):
             return None
         key = self.cache.key(request, sql, text, params)
         lookup = self.cache.lookup(key, request)
         if lookup.entry is None and request.only_if_cached:
             raise not_cached()
         cache = self.cache
-        names = [name for _, name in tables]
-        return _Cached(lookup.status, lookup.entry,
-                       lambda batches: cache.store(key, plain_schema(df.schema()), batches, names))
+
+        def store(batches: list[pa.RecordBatch]) -> None:
+            # The datasets behind views, for invalidation: only an optimized plan inlines views,
+            # so it is made only for a result that is stored, never on a hit.
+            tables = [table for *_, table in scanned(df.optimized_logical_plan())]
+            cache.store(key, plain_schema(df.schema()), batches, tables)
+
+        return _Cached(lookup.status, lookup.entry, store, cache.settings.max_size)
 
     def _run(self, df: DataFrame, sql: str, params: Params | None, deadline: Deadline | None,
              stopper: Stopper) -> QueryStream:
@@ -193,17 +194,7 @@ class _Cached:
     status: CacheStatus
     hit: Entry | None
     store: Callable[[list[pa.RecordBatch]], None]
-
-
-def _scanned(plan: LogicalPlan) -> list[tuple[str | None, str]]:
-    """(schema, table) of every TableScan in `plan`, subqueries in expressions included."""
-    found: list[tuple[str | None, str]] = []
-    for line in plan.display_indent().splitlines():
-        line = line.strip()
-        if line.startswith("TableScan: "):
-            parts = line.removeprefix("TableScan: ").split(" ", 1)[0].split(".")
-            found.append((parts[-2] if len(parts) > 1 else None, parts[-1]))
-    return found
+    limit: int  # bytes: a larger result is not kept
 
 
 def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], *args: object) -> T:

@@ -17,7 +17,6 @@ schema under the dataset's name and tells the federation which source stands beh
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from sqlglot import exp
 from .batches import conformed
 from .config import Spicepod
 from .connectors.base import SqlSource
+from .plans import READ_ONLY, dataset_name, scanned
 
 log = logging.getLogger("runtime.federation")
 
@@ -65,25 +65,25 @@ class Federation:
         if not sources:
             return None
         optimized = df.optimized_logical_plan()
-        scanned = _scanned_names(optimized, sources) | _scanned_names(df.logical_plan(), sources)
-        if not scanned:
+        reading = _scanned_names(optimized, sources) | _scanned_names(df.logical_plan(), sources)
+        if not reading:
             return None
         target = df.schema()
-        keys = {sources[name].key for name in scanned}
+        keys = {sources[name].key for name in reading}
         if len(keys) == 1 and _only_federated_scans(df.logical_plan(), sources):
-            whole = self._whole(df.logical_plan(), sources, scanned, target)
+            whole = self._whole(df.logical_plan(), sources, reading, target)
             if whole is not None:
                 return whole
-        return self._per_table(optimized, sql, params, sources, scanned, target)
+        return self._per_table(optimized, sql, params, sources, reading, target)
 
     # -------------------------------------------------------------- the whole query at its source
 
-    def _whole(self, plan: LogicalPlan, sources: Mapping[str, SqlSource], scanned: set[str],
+    def _whole(self, plan: LogicalPlan, sources: Mapping[str, SqlSource], reading: set[str],
                target: pa.Schema) -> Iterator[pa.RecordBatch] | None:
-        source = sources[next(iter(scanned))]
+        source = sources[next(iter(reading))]
         try:
             text = Unparser(getattr(Dialect, source.dialect)()).plan_to_sql(plan)
-            text = rename_tables(text, source.dialect, {n: sources[n].table for n in scanned})
+            text = rename_tables(text, source.dialect, {n: sources[n].table for n in reading})
             log.debug("Query sent whole to %s: %s", source.key, text)
             batches = conformed(iter(source.query(text)), target)
             first_batch = next(batches, None)
@@ -95,17 +95,15 @@ class Federation:
     # -------------------------------------------------------------- table by table
 
     def _per_table(self, plan: LogicalPlan, sql: str, params: Mapping[str, Any] | None,
-                   sources: Mapping[str, SqlSource], scanned: set[str], target: pa.Schema) -> Iterator[pa.RecordBatch]:
-        from .engine import READ_ONLY
-
-        reads = {name: _Reads() for name in scanned}
+                   sources: Mapping[str, SqlSource], reading: set[str], target: pa.Schema) -> Iterator[pa.RecordBatch]:
+        reads = {name: _Reads() for name in reading}
         _collect_reads(plan, sources, reads)
         qctx = SessionContext(self._config())
         views = {v.name for v in self.spicepod.views}
         for name in self.ctx.catalog("spice").schema("public").names():
-            if name not in views and name not in scanned:
+            if name not in views and name not in reading:
                 qctx.register_table(name, self.ctx.table_provider(name))
-        for name in scanned:
+        for name in reading:
             placeholder = self.ctx.table(name).schema()
             table = self._fetch(sources[name], name, reads[name], placeholder)
             qctx.register_record_batches(name, [table.to_batches() or [pa.RecordBatch.from_pylist([],
@@ -149,7 +147,7 @@ def rename_tables(text: str, dialect: str, tables: Mapping[str, tuple[str, ...]]
     of the query uses for it."""
     tree = sqlglot.parse_one(text, read=dialect)
     for node in list(tree.find_all(exp.Table)):
-        name = _dataset_name(node.catalog or None, node.db or None, node.name)
+        name = dataset_name(node.catalog or None, node.db or None, node.name)
         if name is not None and name in tables:
             node.replace(_source_table(tables[name], node.alias or node.name))
     return tree.sql(dialect=dialect)
@@ -162,41 +160,27 @@ def _source_table(parts: tuple[str, ...], alias: str) -> exp.Table:
     return exp.table_(table, db=db, catalog=catalog, quoted=True, alias=exp.to_identifier(alias, quoted=True))
 
 
-def _dataset_name(catalog: str | None, schema: str | None, table: str) -> str | None:
-    if catalog not in (None, "spice"):
-        return None
-    return table if schema in (None, "public") else f"{schema}.{table}"
-
-
 def _walk(plan: LogicalPlan, parent: LogicalPlan | None = None) -> Iterator[tuple[LogicalPlan, LogicalPlan | None]]:
     yield plan, parent
     for child in plan.inputs():
         yield from _walk(child, plan)
 
 
-def _scan_name(node: TableScan) -> str | None:
-    catalog, schema, table = node.fqn()
-    return _dataset_name(catalog, schema, table)
-
-
 def _scanned_names(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> set[str]:
-    names = {n for p, _ in _walk(plan) if isinstance(v := p.to_variant(), TableScan)
-             and (n := _scan_name(v)) is not None and n in sources}
-    # A table read inside a subquery expression is not a plan input; its scan shows in the text.
-    text = plan.display_indent()
-    return names | {n for n in sources if re.search(rf"TableScan: {re.escape(n)}(\s|$)", text, re.MULTILINE)}
+    return {n for ref in scanned(plan) if (n := dataset_name(*ref)) is not None and n in sources}
 
 
 def _only_federated_scans(plan: LogicalPlan, sources: Mapping[str, SqlSource]) -> bool:
-    scans = [v for p, _ in _walk(plan) if isinstance(v := p.to_variant(), TableScan)]
-    return bool(scans) and all(_scan_name(v) in sources for v in scans) and "Subquery:" not in plan.display_indent()
+    refs = scanned(plan)
+    return bool(refs) and all(dataset_name(*ref) in sources for ref in refs) \
+        and "Subquery:" not in plan.display_indent()
 
 
 def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: dict[str, _Reads]) -> None:
     seen: set[str] = set()
     for node, parent in _walk(plan):
         scan = node.to_variant()
-        if not isinstance(scan, TableScan) or (name := _scan_name(scan)) not in reads:
+        if not isinstance(scan, TableScan) or (name := dataset_name(*scan.fqn())) not in reads:
             continue
         seen.add(name)
         r = reads[name]

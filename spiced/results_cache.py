@@ -28,7 +28,6 @@ from .metrics import Metrics
 CacheStatus = Literal["HIT", "MISS", "BYPASS", "STALE"]
 CacheScope = Literal["shared", "user"]
 CUSTOM_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-UNCACHEABLE_SCHEMAS = ("information_schema", "runtime")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from ..connectors.base import Source, SqlSource
 from ..errors import engine_message
 from ..federation import Federation
 from ..metrics import Metrics
+from ..plans import READ_ONLY
 from .arrow_store import ArrowStore
 
 log = logging.getLogger("runtime")
@@ -114,9 +115,6 @@ class Datasets:
         with self._lock:
             return self._views_registered and all(d.name in self._loaded for d in self.spicepod.datasets)
 
-    def find(self, name: str) -> Dataset | None:
-        return next((d for d in self.spicepod.datasets if d.name == name), None)
-
     # -------------------------------------------------------------- loading
 
     def register_all(self) -> None:
@@ -179,22 +177,22 @@ class Datasets:
         self.ctx.register_record_batches(ds.name, [[pa.RecordBatch.from_pylist([], schema=schema)]])
         self.federation.add(ds.name, source)
 
-    async def _load_until_loaded(self, ds: Dataset) -> None:
+    async def _load_until_loaded(self, ds: Dataset, tried: asyncio.Event) -> None:
         attempt = 0
         while not await asyncio.to_thread(self.load_one, ds):
+            tried.set()
             await asyncio.sleep(backoff(attempt))
             attempt += 1
+        tried.set()
 
     async def load_all(self) -> None:
         """Load every dataset (each retried with backoff until it loads), then the views, then
         start the refresh schedules."""
-        loads = [asyncio.create_task(self._load_until_loaded(ds), name=f"load {ds.name}")
-                 for ds in self.spicepod.datasets]
-        self._tasks.extend(loads)
+        tried = {ds.name: asyncio.Event() for ds in self.spicepod.datasets}
+        self._tasks.extend(asyncio.create_task(self._load_until_loaded(ds, tried[ds.name]), name=f"load {ds.name}")
+                           for ds in self.spicepod.datasets)
         # Views are planned over the datasets: wait for the first attempt of each (not its retries).
-        while any(d.name not in self._states or self._states[d.name].status == "Initializing"
-                  for d in self.spicepod.datasets):
-            await asyncio.sleep(0.01)
+        await asyncio.gather(*(event.wait() for event in tried.values()))
         await asyncio.to_thread(self.register_views)
         for ds in self.spicepod.datasets:
             a = ds.acceleration
@@ -202,8 +200,6 @@ class Datasets:
                 self._tasks.append(asyncio.create_task(self._refresh_loop(ds, a.refresh_check_interval)))
 
     def register_views(self) -> None:
-        from ..engine import READ_ONLY
-
         for v in self.spicepod.views:
             try:
                 self.ctx.register_view(v.name, self.ctx.sql_with_options(v.sql, READ_ONLY))
