@@ -244,6 +244,7 @@ def results_cache_settings(runtime: RuntimeSpec, file: Path) -> CacheSettings:
     if runtime.caching is not None and runtime.caching.sql_results is not None:
         s = runtime.caching.sql_results
         where, size_key, size, swr = "runtime.caching.sql_results", "max_size", s.max_size, s.stale_while_revalidate_ttl
+        swr_key = "stale_while_revalidate_ttl"
         policy, key_type, enabled, ttl = s.caching_policy, s.cache_key_type, s.enabled, s.item_ttl
         hashing, engine = s.hashing_algorithm, s.engine
         if s.encoding != "none":
@@ -252,13 +253,15 @@ def results_cache_settings(runtime: RuntimeSpec, file: Path) -> CacheSettings:
             warnings.append(f"{where}.warmup: {s.warmup} is not supported; the cache fills as queries run")
     elif runtime.results_cache is not None:
         r = runtime.results_cache
-        where, size_key, size, swr = "runtime.results_cache", "cache_max_size", r.cache_max_size, None
+        where, size_key, size, swr = ("runtime.results_cache", "cache_max_size", r.cache_max_size,
+                                      r.max_stale_while_revalidate)
+        swr_key = "max_stale_while_revalidate"
         policy, key_type, enabled, ttl = r.caching_policy, r.cache_key_type, r.enabled, r.item_ttl
         hashing, engine = r.hashing_algorithm, r.engine
     else:
         return CacheSettings(warnings=tuple(warnings))
     if swr is not None:
-        warnings.append(f"{where}.stale_while_revalidate_ttl: not supported; entries expire after item_ttl "
+        warnings.append(f"{where}.{swr_key}: not supported; entries expire after item_ttl "
                         "(a client may still accept them with Cache-Control: max-stale)")
     if policy != "lru":
         warnings.append(f"{where}.eviction_policy: {policy} is not supported; the least recently used goes first")

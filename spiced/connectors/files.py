@@ -161,7 +161,7 @@ class FileSource:
 
         o = self.options
         assert isinstance(o.store, HttpStore)
-        return http_files.dataset(o.url, o.file_format, o.store.auth, None, has_header=o.has_header,
+        return http_files.dataset(o.url, o.file_format, o.store.auth, has_header=o.has_header,
                                   delimiter=o.delimiter, quote=o.quote)
 
     def _via_http_files(self) -> bool:

@@ -15,6 +15,10 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 from pyarrow import fs
 
+# Each request (a HEAD, a byte range) gets this long: a server that stops answering fails the
+# query instead of holding it (upstream's 2026 default `client_timeout`).
+TIMEOUT_SECONDS = 30.0
+
 
 class HttpRangeReader(io.RawIOBase):
     """A seekable, read-only file whose bytes are fetched with Range requests as they are read."""
@@ -52,11 +56,9 @@ class HttpRangeReader(io.RawIOBase):
 class HttpFiles(fs.FileSystemHandler):
     """Single files at `base` + path; no listing (a plain web server has none)."""
 
-    def __init__(self, base: str, auth: tuple[str, str] | None, timeout: float | None) -> None:
+    def __init__(self, base: str, auth: tuple[str, str] | None) -> None:
         self.base = base
-        self._auth = auth
-        self._timeout = timeout
-        self._client = httpx.Client(auth=httpx.BasicAuth(*auth) if auth else None, timeout=timeout,
+        self._client = httpx.Client(auth=httpx.BasicAuth(*auth) if auth else None, timeout=TIMEOUT_SECONDS,
                                     follow_redirects=True)
 
     def equals(self, other: object) -> bool:
@@ -99,11 +101,11 @@ class HttpFiles(fs.FileSystemHandler):
     move = copy_file = open_output_stream = open_append_stream = _read_only
 
 
-def dataset(url: str, file_format: str, auth: tuple[str, str] | None, timeout: float | None, *,
+def dataset(url: str, file_format: str, auth: tuple[str, str] | None, *,
             has_header: bool = True, delimiter: str = ",", quote: str = '"') -> ds.Dataset:
     scheme, _, rest = url.partition("://")
     host, _, path = rest.partition("/")
-    filesystem = fs.PyFileSystem(HttpFiles(f"{scheme}://{host}", auth, timeout))
+    filesystem = fs.PyFileSystem(HttpFiles(f"{scheme}://{host}", auth))
     if file_format == "parquet":
         fmt: ds.FileFormat = ds.ParquetFileFormat()
     elif file_format == "csv":

@@ -60,7 +60,7 @@ def options(target: str, checked: Checked, workdir: Path) -> MySqlOptions:
     if host is None:
         raise ParamError("Missing required parameter: mysql_host")
     if not port.isdigit():
-        port = "3306"  # upstream falls back to the default port on an unparsable value
+        raise ValueError(f"params.mysql_tcp_port: expected a port number (got {port!r})")
     root = checked.get("sslrootcert")
     if root is not None:
         path = Path(root) if Path(root).is_absolute() else workdir / root
@@ -69,9 +69,11 @@ def options(target: str, checked: Checked, workdir: Path) -> MySqlOptions:
                              "Ensure the root cert path is valid")
         root = str(path)
     pool = checked.get("pool_max") or "5"
+    if not pool.isdigit() or int(pool) < 1:
+        raise ValueError(f"params.mysql_pool_max: expected a whole number of connections (got {pool!r})")
     return MySqlOptions(table=table, host=host, port=int(port), db=db, user=user,
                         sslmode=(checked.get("sslmode") or "required").lower(), sslrootcert=root,
-                        pool_size=int(pool) if pool.isdigit() and int(pool) > 0 else 5,
+                        pool_size=int(pool),
                         time_zone=checked.get("time_zone") or "+00:00", password=password)
 
 
