@@ -76,9 +76,6 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 
 
 
-def sent(rt: Runtime, after: int) -> list[str]:
-    return [line for line in rt.logs()[after:] if "runtime.federation" in line or "sent" in line]
-
 
 def test_a_query_on_one_database_is_sent_to_it_whole(rt: Runtime) -> None:
     mark = len(rt.logs())

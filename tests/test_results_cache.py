@@ -161,12 +161,13 @@ def test_disabled_legacy_and_unsupported_keys(tmp_path: Path) -> None:
         assert any(" WARN " in line and "runtime.caching.search_results: not supported" in line for line in rt.logs())
     legacy = POD.replace("  caching:\n    sql_results:\n      item_ttl: 400ms\n      max_size: 256KiB\n",
                          "  results_cache:\n    enabled: true\n    cache_max_size: 1MiB\n    item_ttl: 5s\n"
-                         "    hashing_algorithm: xxh3\n")
+                         "    hashing_algorithm: xxh3\n    max_stale_while_revalidate: 5s\n")
     with run_spiced(write_pod(tmp_path / "legacy", legacy, csv=CSV)) as rt:
         assert [status(post(rt, COUNT)) for _ in range(2)] == ["MISS", "HIT"]
         assert any("Initialized sql results cache; max size: 1.00 MiB, item ttl: 5s" in line for line in rt.logs())
         [warning] = [line for line in rt.logs() if "hashing_algorithm" in line]
         assert " WARN " in warning and "runtime.results_cache.hashing_algorithm: xxh3 is not used" in warning
+        assert any("runtime.results_cache.max_stale_while_revalidate: not supported" in line for line in rt.logs())
     bad = POD.replace("max_size: 256KiB", "max_size: lots")
     r = spiced_fails(write_pod(tmp_path / "bad", bad, csv=CSV))
     assert r.returncode == 1 and "runtime.caching.sql_results.max_size: invalid size 'lots'" in r.stderr
