@@ -22,5 +22,5 @@ def init(name: str | None, cwd: Path | None = None) -> Path:
     if path.exists() or (directory / "spicepod.yml").exists():
         raise CliError(f"spicepod.yaml already exists in {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"version": "v1beta1", "kind": "Spicepod", "name": pod_name}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"version": "v2", "kind": "Spicepod", "name": pod_name}, sort_keys=False))
     return path

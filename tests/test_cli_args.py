@@ -109,7 +109,7 @@ def test_init_with_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     code, out = invoke("init", "my_app")
     assert (code, out) == (0, f"{tmp_path / 'my_app' / 'spicepod.yaml'} initialized!\n")
     text = (tmp_path / "my_app" / "spicepod.yaml").read_text()
-    assert text == "version: v1beta1\nkind: Spicepod\nname: my_app\n"
+    assert text == "version: v2\nkind: Spicepod\nname: my_app\n"
     code, out = invoke("init", "my_app")
     assert (code, out) == (1, f"spicepod.yaml already exists in {tmp_path / 'my_app'}\n")
 
@@ -119,7 +119,7 @@ def test_init_without_name_uses_the_directory(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path / "proj")
     assert invoke("init")[0] == 0
     assert yaml.safe_load((tmp_path / "proj" / "spicepod.yaml").read_text()) == \
-        {"version": "v1beta1", "kind": "Spicepod", "name": "proj"}
+        {"version": "v2", "kind": "Spicepod", "name": "proj"}
 
 
 def test_version() -> None:

@@ -58,7 +58,7 @@ def test_spicepod_yml_fallback_and_positional_path(tmp_path: Path) -> None:
     (HEAD + "runtime:\n  tls:\n    certificate_file: x\n", "runtime.tls.enabled: missing required field"),
     (HEAD + "runtime:\n  tls:\n    enabled: maybe\n", "runtime.tls.enabled: "),
     (HEAD + "runtime:\n  tls:\n    enabled: true\n    client_auth_mode: sometimes\n", "runtime.tls.client_auth_mode"),
-    ("version: v2\nkind: Spicepod\nname: t\n", "version: "),
+    ("version: v3\nkind: Spicepod\nname: t\n", "version: unsupported spicepod version 'v3'"),
     (HEAD + "datasets:\n  - from: file:missing.parquet\n    name: t\n", "datasets[0].from: file not found"),
     (HEAD + "datasets:\n  - from: file:trips.csv\n", "datasets[0].name: missing required field"),
     (HEAD + "datasets: 5\n", "datasets: "),

@@ -63,7 +63,7 @@ dataset = st.one_of(values, st.fixed_dictionaries(
               "acceleration": st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4)),
               "description": values, "metadata": values}))
 spicepod = st.fixed_dictionaries(
-    {"version": st.one_of(st.sampled_from(["v1", "v1beta1", "v2"]), scalars),
+    {"version": st.one_of(st.sampled_from(["v1", "v1beta1", "v2", "v2.0.0-rc.1"]), scalars),
      "kind": st.one_of(st.just("Spicepod"), scalars), "name": st.one_of(st.just("fuzz"), scalars)},
     optional={"runtime": runtime, "datasets": st.one_of(st.lists(dataset, max_size=3), values),
               "views": st.one_of(st.lists(st.dictionaries(st.sampled_from(["name", "sql", "sql_ref", "x"]), scalars),
