@@ -1,4 +1,4 @@
-"""The `spice` command line: `run`, `sql`, `status`, `datasets`, `version`, `init` and the dev PKI `tls`.
+"""The `spice` command line: `run`, `sql`, `status`, `datasets`, `refresh`, `version`, `init` and the dev PKI `tls`.
 
     CliError        one line on stderr, exit 1 (raised anywhere, printed once by `app.main`)
 """

@@ -152,6 +152,25 @@ def datasets(http_endpoint: HttpEndpoint = None, tls_root_certificate_file: Root
 
 
 @app.command()
+def refresh(dataset: Annotated[str, typer.Argument(metavar="DATASET", help="The accelerated dataset to refresh.")],
+            refresh_sql: Annotated[str | None, typer.Option(
+                "--refresh-sql", metavar="SQL",
+                help="SELECT … FROM <dataset> WHERE … for this refresh only.")] = None,
+            refresh_mode: Annotated[Literal["full", "append"] | None, typer.Option(
+                "--refresh-mode", help="Refresh mode for this refresh only: full or append.")] = None,
+            http_endpoint: HttpEndpoint = None, tls_root_certificate_file: RootCert = None,
+            client_tls_certificate_file: ClientCert = None, client_tls_key_file: ClientKey = None,
+            api_key: ApiKey = None) -> None:
+    """Refresh an accelerated dataset now."""
+    from spice_cli import refresh as refresher
+
+    settings = _http(http_endpoint, tls_root_certificate_file, client_tls_certificate_file, client_tls_key_file,
+                     api_key)
+    with _one_line_errors():
+        refresher.refresh(settings, dataset, refresh_sql, refresh_mode)
+
+
+@app.command()
 def version() -> None:
     """Show the CLI and runtime versions."""
     from spice_cli import status as st

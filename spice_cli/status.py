@@ -1,4 +1,5 @@
-"""`spice status`, `spice datasets` and `spice version`: the runtime's HTTP API read with httpx.
+"""`spice status`, `spice datasets` and `spice version`: the runtime's HTTP API read with httpx
+(`send` is also what `spice refresh` posts with).
 
 TLS: `--tls-root-certificate-file` trusts a CA and switches the default base URL to https; the client
 certificate flags let the commands work when the runtime requires mTLS; `--api-key` is sent as X-API-Key.
@@ -63,30 +64,39 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return False
 
 
-def get_json(s: HttpSettings, path: str) -> Any:
-    """GET `path` from the runtime; every failure becomes one CliError line."""
+def send(s: HttpSettings, method: str, path: str, body: Any = None) -> httpx.Response:
+    """One request to the runtime (`body`, when given, as JSON); a connection or TLS failure becomes
+    one CliError line. Any HTTP status is returned."""
     base = s.base_url
     headers = {"user-agent": f"spice-cli/{__version__}"}
     if s.api_key:
         headers["x-api-key"] = s.api_key
     try:
         with httpx.Client(verify=_ssl_context(s), headers=headers, timeout=TIMEOUT) as client:
-            response = client.get(base + path)
+            return client.request(method, base + path, json=body)
     except httpx.ConnectError as e:
         if _is_tls_failure(e):
             raise CliError(f"ERROR TLS handshake with {base} failed: {e}") from None
         raise CliError(f"the Spice runtime is unavailable at {base}. Is it running?") from None
     except httpx.HTTPError as e:
         raise CliError(f"ERROR request to {base}{path} failed: {e or type(e).__name__}") from None
+
+
+def get_json(s: HttpSettings, path: str) -> Any:
+    """GET `path` from the runtime; every failure becomes one CliError line."""
+    response = send(s, "GET", path)
     if response.status_code != 200:
-        # HTTP/2 has no reason phrase on the wire; name the status ourselves.
-        phrase = response.reason_phrase or _phrase(response.status_code)
-        detail = f": {_message(response)}" if response.content else ""
-        raise CliError(f"ERROR GET {path} returned {response.status_code} {phrase}{detail}")
+        detail = f": {message_of(response)}" if response.content else ""
+        raise CliError(f"ERROR GET {path} returned {response.status_code} {phrase_of(response)}{detail}")
     try:
         return response.json()
     except ValueError:
         raise CliError(f"ERROR GET {path} returned a body that is not JSON") from None
+
+
+def phrase_of(response: httpx.Response) -> str:
+    # HTTP/2 has no reason phrase on the wire; name the status ourselves.
+    return response.reason_phrase or _phrase(response.status_code)
 
 
 def _phrase(status: int) -> str:
@@ -96,7 +106,8 @@ def _phrase(status: int) -> str:
         return ""
 
 
-def _message(response: httpx.Response) -> str:
+def message_of(response: httpx.Response) -> str:
+    """The `message` of a JSON error body, else the body as text."""
     try:
         body = response.json()
     except ValueError:

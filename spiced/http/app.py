@@ -65,6 +65,7 @@ def create_app(state: RuntimeState) -> Starlette:
             Route("/v1/sql/{query_id}/cancel", queries.cancel, methods=["POST"]),
             Route("/v1/datasets", routes.datasets, methods=["GET"]),
             Route("/v1/datasets/{name}/acceleration/refresh", routes.refresh, methods=["POST"]),
+            Route("/v1/datasets/{name}/acceleration", routes.acceleration, methods=["PATCH"]),
             Route("/v1/status", routes.status, methods=["GET"]),
             Route("/v1/spicepods", routes.spicepods, methods=["GET"]),
             Route("/v1/openapi.json", routes.openapi, methods=["GET"]),

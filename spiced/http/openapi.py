@@ -18,6 +18,9 @@ def _list_of(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "array", "items": {"type": "object", "properties": properties, "required": required}}
 
 
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "Dataset name (matched case-insensitively)"}
+
 _PARAMETER = {"nullable": True, "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
 _SQL_REQUEST = {"type": "object", "required": ["sql"], "properties": {
     "sql": {"type": "string"},
@@ -112,16 +115,41 @@ OPENAPI: dict[str, Any] = {
                 "text/csv": {"schema": {"type": "string"}}}},
                 "400": {"description": "Bad query string", "content": _TEXT}, "401": _UNAUTHORIZED}}},
         "/v1/datasets/{name}/acceleration/refresh": {"post": {
-            "summary": "Reload an accelerated dataset now",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "summary": "Refresh an accelerated dataset now (in the background), with optional overrides",
+            "description": "The body is optional; a body that is not a JSON object is ignored (no overrides), as "
+                           "upstream. `refresh_mode` `disabled` and `changes` (upstream's) are answered 400.",
+            "parameters": [_NAME],
             "requestBody": {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "properties": {
-                    "refresh_sql": {"type": "string"}, "refresh_mode": {"type": "string", "enum": ["full", "append"]},
-                    "refresh_jitter_max": {"type": "string"}}}}}},
-            "responses": {"201": {"description": "Refresh triggered", "content": _MESSAGE},
-                          "400": {"description": "Dataset not accelerated", "content": _MESSAGE},
+                    "refresh_sql": {"type": "string", "nullable": True,
+                                    "description": "`SELECT <columns or *> FROM <name> [WHERE …]` for this refresh"},
+                    "refresh_mode": {"type": "string", "nullable": True, "enum": ["full", "append"]},
+                    "refresh_jitter_max": {"type": "string", "nullable": True, "example": "10s",
+                                           "description": "Wait a random time up to this before refreshing"}}}}}},
+            "responses": {"201": {"description": "`Dataset refresh triggered for <name>.`", "content": _MESSAGE},
+                          "400": {"description": "Dataset not accelerated, or an override that is wrongly typed, "
+                                                 "not supported or not a valid refresh_sql / duration",
+                                  "content": _MESSAGE},
                           "401": _UNAUTHORIZED,
-                          "404": {"description": "No such dataset", "content": _MESSAGE},
+                          "404": {"description": "`Dataset <name> not found`", "content": _MESSAGE},
+                          "408": {"description": "Body not received in time", "content": _TEXT},
+                          "413": {"description": "Body over 2 MiB", "content": _TEXT}}}},
+        "/v1/datasets/{name}/acceleration": {"patch": {
+            "summary": "Set the refresh_sql of an accelerated dataset (used by every later refresh)",
+            "description": "A missing or null `refresh_sql` changes nothing (200). Upstream answers a rejected "
+                           "refresh_sql with 500; this runtime with 400.",
+            "parameters": [_NAME],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "refresh_sql": {"type": "string", "nullable": True,
+                                    "description": "`SELECT <columns or *> FROM <name> [WHERE …]`"}}}}}},
+            "responses": {"200": {"description": "Updated (empty body)"},
+                          "400": {"description": "Body not a JSON object, refresh_sql not a string, dataset not "
+                                                 "accelerated, or `Request failed. <why the SQL was rejected>`",
+                                  "content": _MESSAGE},
+                          "401": _UNAUTHORIZED,
+                          "404": {"description": "`Dataset <name> not found`", "content": _MESSAGE},
+                          "408": {"description": "Body not received in time", "content": _TEXT},
                           "413": {"description": "Body over 2 MiB", "content": _TEXT}}}},
         "/v1/status": {"get": {
             "summary": "Listeners and their state", "parameters": [_FORMAT],

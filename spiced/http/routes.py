@@ -1,4 +1,5 @@
-"""The HTTP API's small routes: health, readiness, metrics, datasets, status, spicepods, refresh.
+"""The HTTP API's small routes: health, readiness, metrics, datasets, status, spicepods, refresh and
+the refresh_sql PATCH.
 
 `POST /v1/sql` lives in spiced/http/sql.py. Response texts and JSON shapes are upstream's, so
 clients written against upstream read them unchanged; `?format=csv` answers `text/csv` with a
@@ -15,10 +16,15 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from sqlglot.errors import SqlglotError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from ..acceleration import check_refresh_sql
+from ..config import Dataset
 from ..connectors import secret_params
+from ..datasets.overrides import RefreshMode, RefreshOverrides
+from ..durations import seconds
 from ..state import RuntimeState
 from ..tls.expiry import CertificateFacts
 from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
@@ -107,7 +113,7 @@ async def datasets(request: Request) -> Response:
     source = request.query_params.get("source")
     states = {s.dataset.name: s for s in state.engine.datasets.states()}
     items: list[dict[str, Any]] = []
-    for ds in state.config.spicepod.datasets:
+    for ds in state.engine.spicepod.datasets:
         if source is not None and ds.from_.partition(":")[0] != source:
             continue
         item: dict[str, Any] = {"from": ds.from_, "name": ds.name, "replication_enabled": False,
@@ -125,27 +131,149 @@ async def datasets(request: Request) -> Response:
     return json_response(items)
 
 
-async def refresh(request: Request) -> Response:
-    state = runtime(request)
-    name = request.path_params["name"]
-    ds = next((d for d in state.config.spicepod.datasets if d.name.lower() == name.lower()), None)
-    if ds is None:
-        return message(f"Dataset {name} not found", 404)
-    if not ds.accelerated:
-        return message(f"Dataset {name} does not have acceleration enabled", 400)
+def _dataset(state: RuntimeState, name: str) -> Dataset | None:
+    """Matched case-insensitively, as upstream."""
+    return next((d for d in state.engine.spicepod.datasets if d.name.lower() == name.lower()), None)
+
+
+async def _body(request: Request) -> bytes | Response:
     try:
-        await read_body(request)  # overrides (refresh_sql, refresh_mode, …) are not supported: ignored
+        return await read_body(request)
     except BodyTooLarge:
         return too_large()
     except BodyTooSlow:
         return too_slow()
-    task = asyncio.create_task(state.engine.datasets.refresh(ds), name=f"refresh {ds.name}")
+
+
+class BadRequest(ValueError):
+    """A request field this runtime cannot act on; answered 400 with this text as `message`."""
+
+
+_MODES: dict[str, RefreshMode] = {"full": "full", "append": "append"}
+_MODES_NOT_SERVED = {  # upstream's other refresh modes
+    "disabled": "an on-demand refresh cannot disable refreshes",
+    "changes": "change data capture is not supported by this runtime",
+}
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _optional_str(fields: Mapping[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequest(f"{key} must be a string or null, got {json.dumps(value)[:100]}")
+
+
+def _refresh_mode(fields: Mapping[str, Any]) -> RefreshMode | None:
+    mode = _optional_str(fields, "refresh_mode")
+    if mode is None:
+        return None
+    if mode in _MODES:
+        return _MODES[mode]
+    if mode in _MODES_NOT_SERVED:
+        raise BadRequest(f"refresh_mode {mode} is not supported: {_MODES_NOT_SERVED[mode]} (use full or append)")
+    raise BadRequest(f"unknown refresh_mode {mode[:100]!r}: expected full or append")
+
+
+def _jitter(fields: Mapping[str, Any]) -> float | None:
+    text = _optional_str(fields, "refresh_jitter_max")
+    if text is None:
+        return None
+    value = seconds(text)
+    if value is None:
+        raise BadRequest(f"refresh_jitter_max: invalid duration {text[:100]!r} (expected e.g. 10s, 500ms, 1m)")
+    return value
+
+
+_PARSER_ERRORS = (SqlglotError, RecursionError)  # raised by the SQL parser besides ValueError (a lone quote)
+
+
+def _unparsable(sql: str, e: Exception) -> str:
+    return f"cannot parse {sql[:200]!r}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}"
+
+
+def _checked_refresh_sql(sql: str, ds: Dataset) -> str:
+    try:
+        check_refresh_sql(sql, ds.name)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    except _PARSER_ERRORS as e:
+        raise BadRequest(f"refresh_sql: {_unparsable(sql, e)}") from None
+    return sql
+
+
+def refresh_overrides(body: bytes, ds: Dataset) -> RefreshOverrides | None:
+    """Upstream's `RefreshOverrides` from a POST body. A body that is not a JSON object is no overrides
+    (upstream ignores a malformed body); a known field with a wrong type or value raises BadRequest."""
+    fields = _json_object(body)
+    if fields is None:
+        return None
+    sql = _optional_str(fields, "refresh_sql")
+    return RefreshOverrides(refresh_sql=None if sql is None else _checked_refresh_sql(sql, ds),
+                            refresh_mode=_refresh_mode(fields), refresh_jitter_max=_jitter(fields))
+
+
+async def refresh(request: Request) -> Response:
+    state = runtime(request)
+    name = request.path_params["name"]
+    ds = _dataset(state, name)
+    if ds is None:
+        return message(f"Dataset {name} not found", 404)
+    if not ds.accelerated:
+        return message(f"Dataset {name} does not have acceleration enabled", 400)
+    body = await _body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        overrides = refresh_overrides(body, ds)
+    except BadRequest as e:
+        return message(str(e), 400)
+    task = asyncio.create_task(state.engine.datasets.refresh(ds, overrides), name=f"refresh {ds.name}")
     _REFRESHES.add(task)  # keep a reference until it finishes
     task.add_done_callback(_REFRESHES.discard)
     return message(f"Dataset refresh triggered for {name}.", 201)
 
 
 _REFRESHES: set[asyncio.Task[None]] = set()
+
+
+async def acceleration(request: Request) -> Response:
+    """`PATCH /v1/datasets/{name}/acceleration` `{"refresh_sql": …}`: the SQL later refreshes use."""
+    state = runtime(request)
+    name = request.path_params["name"]
+    ds = _dataset(state, name)
+    if ds is None:
+        return message(f"Dataset {name} not found", 404)
+    body = await _body(request)
+    if isinstance(body, Response):
+        return body
+    fields = _json_object(body)
+    if fields is None:
+        return message("Failed to parse the request body as JSON: expected an object such as "
+                       '{"refresh_sql": "SELECT * FROM ' + ds.name + ' WHERE …"}', 400)
+    try:
+        sql = _optional_str(fields, "refresh_sql")
+    except BadRequest as e:
+        return message(str(e), 400)
+    if sql is None:
+        return Response(status_code=200)  # upstream: nothing to change
+    if not ds.accelerated:
+        return message(f"Dataset {name} does not have acceleration enabled", 400)
+    # Deviation: upstream answers a refresh_sql it rejects with 500; a bad request is a 4xx here.
+    try:
+        state.engine.datasets.set_refresh_sql(ds, sql)
+    except ValueError as e:
+        return message(f"Request failed. {e}", 400)
+    except _PARSER_ERRORS as e:
+        return message(f"Request failed. {_unparsable(sql, e)}", 400)
+    return Response(status_code=200)
 
 
 # ------------------------------------------------------------------ status and spicepods
@@ -205,7 +333,7 @@ async def spicepods(request: Request) -> Response:
     csv_format = wants_csv(request)
     if isinstance(csv_format, Response):
         return csv_format
-    pod = runtime(request).config.spicepod
+    pod = runtime(request).engine.spicepod
     if csv_format:
         raw = pod.raw
         row = {"name": pod.name, "version": pod.version, "datasets_count": len(pod.datasets),
