@@ -1,13 +1,15 @@
 """`make bench`: the runtime against references measured in the same run. Prints medians and ratios.
 
-`python -m bench [http] [queries] [flight] [sources]` runs only those sections.
+`python -m bench [http] [queries] [flight] [sources] [accelerators]` runs only those sections.
 
 Sections: HTTP `/v1/sql SELECT 1` under wrk; a GROUP BY over 5M parquet rows via HTTP and Flight next to
 in-process DataFusion; a 1M-row result as JSON over HTTP next to DataFusion's own JSON writer, and as
 Arrow over HTTP and Flight; Flight DoGet over our TLS front next to a bare pyarrow server with native
 gRPC TLS (throughput, free and with client and servers on separate cores, and small-call latency);
 data sources (bench/sources.py): PostgreSQL loads and pushed-down counts next to the ADBC driver
-in-process, a GROUP BY on Parquet in S3 next to the local file.
+in-process, a GROUP BY on Parquet in S3 next to the local file; accelerators (bench/accelerators.py):
+the 5M-row GROUP BY and a point lookup in DuckDB and SQLite next to Arrow, and an append refresh of
+1 % new rows next to a full refresh.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 from datafusion import SessionConfig, SessionContext
 
-from bench import sources
+from bench import accelerators, sources
 from bench.common import Row, big_parquet, median_time, report, split_cores
 from spiced.batches import PLAIN_ARROW_TYPES, plain_schema
 from tests.pki import Pki
@@ -263,7 +265,7 @@ def flight_tls_rows(ours_tls: str, ours_plain: str, ours_pid: int, pki: Pki, par
     ]
 
 
-SECTIONS = ("http", "queries", "flight", "sources")
+SECTIONS = ("http", "queries", "flight", "sources", "accelerators")
 
 
 def main() -> None:
@@ -286,6 +288,9 @@ def main() -> None:
                     report("Arrow types on the wire", plain_types_rows(parquet, ctx))
         if "queries" in chosen:
             report("Results cache", cache_rows(work, parquet))
+        if "accelerators" in chosen:
+            report("Accelerators (HTTP, results cache off)", accelerators.query_rows(parquet, ROWS))
+            report("Append refresh", accelerators.refresh_rows(parquet, ROWS))
         if "sources" in chosen:
             report("Data sources", sources.postgres_rows() + sources.s3_rows(parquet))
         if "flight" not in chosen:

@@ -18,14 +18,11 @@ import pyarrow.parquet as pq
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def big_parquet(rows: int) -> Path:
-    """A generated parquet file (cached in bench/out): int64 id, 1000 groups, float64, string, timestamp, nulls."""
-    OUT.mkdir(exist_ok=True)
-    path = OUT / f"big_{rows}.parquet"
-    if path.exists():
-        return path
-    ids = pa.array(range(rows), pa.int64())
-    table = pa.table({
+def big_table(rows: int, start: int = 0) -> pa.Table:
+    """`rows` rows of the generated data from id `start` on: int64 id, 1000 groups, float64, string,
+    a timestamp that grows with the id (one second a row), nulls."""
+    ids = pa.array(range(start, start + rows), pa.int64())
+    return pa.table({
         "id": ids,
         "grp": pc.cast(pc.bit_wise_and(ids, 1023), pa.int32()),
         "amount": pc.multiply(pc.cast(ids, pa.float64()), 0.25),
@@ -33,7 +30,15 @@ def big_parquet(rows: int) -> Path:
         "ts": pc.cast(pc.add(pc.multiply(ids, 1_000_000), 1_700_000_000_000_000), pa.timestamp("us")),
         "maybe": pc.if_else(pc.equal(pc.bit_wise_and(ids, 7), 0), pa.scalar(None, pa.int64()), ids),
     })
-    pq.write_table(table, path, row_group_size=256 * 1024)
+
+
+def big_parquet(rows: int) -> Path:
+    """The generated data as a parquet file (cached in bench/out)."""
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"big_{rows}.parquet"
+    if path.exists():
+        return path
+    pq.write_table(big_table(rows), path, row_group_size=256 * 1024)
     return path
 
 

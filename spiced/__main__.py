@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
         from .runtime import Runtime
 
-        code = Runtime(config).run()
+        code = Runtime(config, args).run()
     except ConfigError as e:
         print(f"Spice Runtime error: {e}", file=sys.stderr, flush=True)
         return 1

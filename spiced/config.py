@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from . import __version__
+from .acceleration import Acceleration, AccelerationError, TimeFormat, acceleration
 from .connectors import CONNECTORS
 from .connectors.params import ParamError, check
+from .durations import parse_duration
 from .errors import ConfigError, TlsConfigError
 from .results_cache import CacheSettings
 from .secrets import SecretResolver, SecretStoreSpec
@@ -28,6 +30,7 @@ from .spicepod import (
     TlsSpec,
     find_spicepod,
     read_spicepod,
+    unmodelled_keys,
     validate_spicepod,
 )
 
@@ -72,16 +75,6 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Acceleration:
-    enabled: bool = True
-    engine: str = "arrow"
-    refresh_mode: Literal["full", "append"] = "full"
-    refresh_check_interval: float | None = None
-    refresh_check_interval_text: str | None = None
-    refresh_sql: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Dataset:
     name: str
     from_: str
@@ -90,6 +83,9 @@ class Dataset:
     description: str | None = None
     acceleration: Acceleration | None = None
     warnings: tuple[str, ...] = ()  # upstream's WARN texts for parameters dropped; logged at registration
+    time_column: str | None = None
+    time_format: TimeFormat = "timestamp"
+    ready_state: Literal["on_load", "on_registration"] = "on_load"
 
     @property
     def accelerated(self) -> bool:
@@ -110,6 +106,7 @@ class Spicepod:
     datasets: tuple[Dataset, ...]
     views: tuple[View, ...]
     raw: Mapping[str, object] = field(repr=False, default_factory=dict)
+    warnings: tuple[str, ...] = ()  # one per upstream key set that nothing here acts on; logged at startup
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-auth-mode", type=_client_auth_mode, metavar="<none|request|required>")
     p.add_argument("--tls-client-auth-ca-file", metavar="PATH")
     p.add_argument("--tls-client-auth-ca", metavar="PEM")
-    p.add_argument("--pods-watcher-enabled", action="store_true")
+    p.add_argument("--pods-watcher-enabled", action="store_true",
+                   help="Watch spicepod.yaml and apply its changes without a restart (spice run passes it)")
     p.add_argument("--access-log", action="store_true", default=None,
                    help="Log every HTTP request and Flight call at INFO (also runtime.access_log: true)")
     p.add_argument("--telemetry-enabled", type=_bool_value, metavar="<true|false>")
@@ -199,18 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- spicepod → typed config
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str, key: str, file: Path) -> float:
-    parts = _DURATION.findall(text.replace(" ", ""))
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: {key}: "
-                          f"invalid duration {text!r} (expected e.g. 10s, 500ms, 1m)")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
-
 
 def _param_text(value: str | bool | int | float | None) -> str:
     """Upstream turns numbers and booleans into strings (`true`, not Python's `True`)."""
@@ -300,13 +286,19 @@ def _dataset(i: int, d: DatasetSpec, file: Path, workdir: Path, secrets: SecretR
         raise ConfigError(f"{prefix}.{e}") from None
     accel = None
     if d.acceleration is not None:
-        a = d.acceleration
-        interval = None
-        if a.refresh_check_interval:
-            interval = parse_duration(a.refresh_check_interval, f"datasets[{i}].acceleration.refresh_check_interval",
-                                      file)
-        accel = Acceleration(a.enabled, a.engine, a.refresh_mode, interval, a.refresh_check_interval, a.refresh_sql)
-    return Dataset(d.name, d.from_, scheme, options, d.description, accel, checked.warnings)
+        where = f"datasets[{i}].acceleration"
+        engine_params = {k: secrets.resolve(_param_text(v), f"{where}.params.{k}").value
+                         for k, v in d.acceleration.params.items()}
+        try:
+            accel = acceleration(d, d.acceleration, workdir,
+                                 lambda text, key: parse_duration(text, f"{where}.{key}", file), engine_params)
+        except AccelerationError as e:
+            raise ConfigError(f"{prefix}.acceleration.{e}") from None
+    ready_state = (d.acceleration.ready_state if d.acceleration is not None and d.acceleration.ready_state
+                   else d.ready_state)
+    return Dataset(d.name, d.from_, scheme, options, d.description, accel,
+                   checked.warnings + (accel.warnings if accel is not None else ()),
+                   d.time_column, d.time_format or "timestamp", ready_state)
 
 
 def _material(
@@ -449,7 +441,9 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
     timeout = None
     if spec.runtime.query and spec.runtime.query.timeout:
         timeout = parse_duration(spec.runtime.query.timeout, "runtime.query.timeout", file)
-    pod = Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw)
+    ignored = tuple(f"Spicepod key {path} is not supported by this runtime and is ignored."
+                    for path in unmodelled_keys(spec))
+    pod = Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw, ignored)
     cache = results_cache_settings(spec.runtime, file)
     return RuntimeConfig(
         spicepod=pod,

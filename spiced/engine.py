@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -69,15 +69,18 @@ def session_config() -> SessionConfig:
 class Engine:
     def __init__(self, spicepod: Spicepod, metrics: Metrics, cache: CacheSettings | None = None) -> None:
         self.ctx = SessionContext(session_config())
+        # DataFusion keeps folder listings without expiry: a file added to a dataset's folder would
+        # never be read, by its queries or its refreshes.
+        self.ctx.sql("SET datafusion.runtime.list_files_cache_limit = '0K'").collect()
         self.spicepod = spicepod
         self.metrics = metrics
         self.store = ArrowStore(self.ctx)
         self.federation = Federation(self.ctx, spicepod, session_config)
         self.cache = ResultsCache(cache, metrics) if cache is not None and cache.enabled else None
-        self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics,
+        self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics, session_config,
                                  on_loaded=self.cache.invalidate if self.cache is not None else None)
         self._loop = WaitLoop()
-        self._cacheable = {d.name for d in spicepod.datasets} | {v.name for v in spicepod.views}
+        self._use(spicepod)
         if cache is not None:
             for warning in cache.warnings:
                 cache_log.warning("%s", warning)
@@ -85,6 +88,21 @@ class Engine:
                 cache_log.info("Initialized sql results cache; max size: %s, item ttl: %s, hashing algorithm: none "
                                "(keys compared whole), encoding: none", format_size(cache.max_size),
                                cache.item_ttl_text)
+
+    def _use(self, spicepod: Spicepod) -> None:
+        self.spicepod = spicepod
+        self.federation.spicepod = spicepod
+        self._cacheable = {d.name for d in spicepod.datasets} | {v.name for v in spicepod.views}
+        self._may_read_sources = any(d.accelerated and d.acceleration is not None and (
+            d.ready_state == "on_registration" or d.acceleration.on_zero_results == "use_source")
+            for d in spicepod.datasets)
+
+    async def apply(self, spicepod: Spicepod) -> None:
+        """A changed spicepod (--pods-watcher-enabled): its datasets and views from now on."""
+        await self.datasets.apply(spicepod)
+        self._use(spicepod)
+        if self.cache is not None:
+            self.cache.clear()
 
     def close(self) -> None:
         """After the drain: queries are over."""
@@ -166,21 +184,60 @@ class Engine:
 
     def _run(self, df: DataFrame, sql: str, params: Params | None, deadline: Deadline | None,
              stopper: Stopper) -> QueryStream:
+        names = self._accelerated_names(df)
+        if names and (early := self.datasets.from_source(names)):  # not loaded yet: ready_state on_registration
+            return self._guarded(df, deadline, stopper, self.federation.from_sources, sql, params, early, df.schema())
         stored = self.store.stored_scan(df)
         if stored is not None:
-            return QueryStream(df.schema(), stored, deadline, stopper)
+            return self._or_source(df, sql, params, names, QueryStream(df.schema(), stored, deadline, stopper),
+                                   deadline, stopper)
         try:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
-            if federated is not None:
-                return QueryStream(df.schema(), federated, deadline, stopper)
-            stream = stopper.call(df.execute_stream)
+            stream = federated if federated is not None else stopper.call(df.execute_stream)
         except Stopped as e:
             raise e.error from None
         except QueryError:
             raise
         except Exception as e:
             raise engine_error(e) from None
-        return QueryStream(df.schema(), stream, deadline, stopper)
+        return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
+                               deadline, stopper)
+
+    def _accelerated_names(self, df: DataFrame) -> set[str]:
+        """The accelerated datasets a query reads (through views too) when any may read its source instead."""
+        if not self._may_read_sources:
+            return set()
+        return {n for ref in scanned(df.optimized_logical_plan()) if (n := dataset_name(*ref)) is not None}
+
+    def _guarded(self, df: DataFrame, deadline: Deadline | None, stopper: Stopper,
+                 fn: Callable[..., Iterator[pa.RecordBatch]], *args: object) -> QueryStream:
+        try:
+            batches = _bounded(stopper, deadline, fn, *args)
+        except Stopped as e:
+            raise e.error from None
+        except QueryError:
+            raise
+        except Exception as e:
+            raise engine_error(e) from None
+        return QueryStream(df.schema(), batches, deadline, stopper)
+
+    def _or_source(self, df: DataFrame, sql: str, params: Params | None, names: set[str], result: QueryStream,
+                   deadline: Deadline | None, stopper: Stopper) -> QueryStream:
+        """`on_zero_results: use_source`: a query over such datasets that returns no rows is
+        answered from their sources instead."""
+        if not names or not self.datasets.from_source(names, zero_rows=True):
+            return result
+
+        def rows() -> Iterator[pa.RecordBatch]:
+            count = 0
+            for batch in result:
+                count += batch.num_rows
+                yield batch
+            if count == 0 and (sources := self.datasets.from_source(names, zero_rows=True)):
+                yield from self._guarded(df, deadline, stopper, self.federation.from_sources, sql, params, sources,
+                                         df.schema())
+
+        return QueryStream(df.schema(), rows(), deadline, stopper)
 
     def table_schema(self, name: str) -> pa.Schema | None:
         try:

@@ -31,7 +31,7 @@ from sqlglot import exp
 
 from .batches import conformed
 from .config import Spicepod
-from .connectors.base import SqlSource
+from .connectors.base import Source, SqlSource
 from .plans import READ_ONLY, dataset_name, scanned
 
 log = logging.getLogger("runtime.federation")
@@ -58,6 +58,10 @@ class Federation:
         with self._lock:
             self._sources[name] = source
 
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._sources.pop(name, None)
+
     def run(self, df: DataFrame, sql: str, params: Mapping[str, Any] | None) -> Iterator[pa.RecordBatch] | None:
         """The query's batches when it reads a federated table, None when it reads none."""
         with self._lock:
@@ -76,6 +80,30 @@ class Federation:
                 return whole
         return self._per_table(optimized, sql, params, sources, reading, target)
 
+    def from_sources(self, sql: str, params: Mapping[str, Any] | None, replaced: Mapping[str, Source],
+                     target: pa.Schema) -> Iterator[pa.RecordBatch]:
+        """`sql` run with the datasets of `replaced` read from their sources instead of their
+        accelerators (`ready_state: on_registration`, `on_zero_results: use_source`)."""
+        qctx = SessionContext(self._config())
+        inner = Federation(qctx, self.spicepod, self._config)
+        with self._lock:
+            federated = dict(self._sources)
+        for name in self._mirror(qctx, set(replaced)):
+            if name in federated:
+                inner.add(name, federated[name])
+        for name, source in replaced.items():
+            if isinstance(source, SqlSource):
+                qctx.register_record_batches(name, [[pa.RecordBatch.from_pylist([], schema=source.schema())]])
+                inner.add(name, source)
+            else:
+                source.register(qctx, name)
+        self._views(qctx)
+        df = qctx.sql_with_options(sql, READ_ONLY, param_values=dict(params) if params else None)
+        batches = inner.run(df, sql, params)
+        if batches is None:
+            batches = (b.to_pyarrow() for b in df.execute_stream())
+        return conformed(batches, target)
+
     # -------------------------------------------------------------- the whole query at its source
 
     def _whole(self, plan: LogicalPlan, sources: Mapping[str, SqlSource], reading: set[str],
@@ -83,6 +111,10 @@ class Federation:
         source = sources[next(iter(reading))]
         try:
             text = Unparser(getattr(Dialect, source.dialect)()).plan_to_sql(plan)
+            opaque = frozenset().union(*(sources[n].opaque_columns for n in reading))
+            if opaque and _reads_columns(text, source.dialect, opaque):
+                log.debug("Federated query reads columns %s cannot compute on; running it here", source.key)
+                return None
             text = rename_tables(text, source.dialect, {n: sources[n].table for n in reading})
             log.debug("Query sent whole to %s: %s", source.key, text)
             batches = conformed(iter(source.query(text)), target)
@@ -99,22 +131,30 @@ class Federation:
         reads = {name: _Reads() for name in reading}
         _collect_reads(plan, sources, reads)
         qctx = SessionContext(self._config())
-        views = {v.name for v in self.spicepod.views}
-        for name in self.ctx.catalog("spice").schema("public").names():
-            if name not in views and name not in reading:
-                qctx.register_table(name, self.ctx.table_provider(name))
+        self._mirror(qctx, reading)
         for name in reading:
             placeholder = self.ctx.table(name).schema()
             table = self._fetch(sources[name], name, reads[name], placeholder)
             qctx.register_record_batches(name, [table.to_batches() or [pa.RecordBatch.from_pylist([],
                                                                                               schema=table.schema)]])
+        self._views(qctx)
+        df = qctx.sql_with_options(sql, READ_ONLY, param_values=dict(params) if params else None)
+        return conformed((b.to_pyarrow() for b in df.execute_stream()), target)
+
+    def _mirror(self, qctx: SessionContext, skip: set[str]) -> list[str]:
+        """Every table of the session but the views and `skip`, shared into `qctx`; their names."""
+        views = {v.name for v in self.spicepod.views}
+        names = [n for n in self.ctx.catalog("spice").schema("public").names() if n not in views and n not in skip]
+        for name in names:
+            qctx.register_table(name, self.ctx.table_provider(name))
+        return names
+
+    def _views(self, qctx: SessionContext) -> None:
         for v in self.spicepod.views:
             try:
                 qctx.register_view(v.name, qctx.sql_with_options(v.sql, READ_ONLY))
             except Exception as e:  # as at startup: a view that does not plan is left out
-                log.debug("View %s left out of a federated query: %s", v.name, e)
-        df = qctx.sql_with_options(sql, READ_ONLY, param_values=dict(params) if params else None)
-        return conformed((b.to_pyarrow() for b in df.execute_stream()), target)
+                log.debug("View %s left out of a query planned again: %s", v.name, e)
 
     def _fetch(self, source: SqlSource, name: str, reads: _Reads, placeholder: pa.Schema) -> pa.Table:
         wanted = reads.columns
@@ -193,7 +233,8 @@ def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: d
                 unparsed = Unparser(getattr(Dialect, dialect)()).plan_to_sql(parent)
                 where = sqlglot.parse_one(unparsed, read=dialect).args.get("where")
                 # A subquery in the filter reads other tables, which the source does not have.
-                if where is not None and not where.find(exp.Select):
+                if where is not None and not where.find(exp.Select) \
+                        and not _reads_columns(where, dialect, sources[name].opaque_columns):
                     predicate = where.this
             except Exception as e:  # a filter the source's dialect cannot say: DataFusion applies it
                 log.debug("Filter on %s not pushed down: %s", name, e)
@@ -204,6 +245,13 @@ def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: d
     for r in reads.values():
         if "*" in r.columns:
             r.columns = {"*"}
+
+
+def _reads_columns(sql: str | exp.Expression, dialect: str, columns: frozenset[str]) -> bool:
+    if not columns:
+        return False
+    tree = sqlglot.parse_one(sql, read=dialect) if isinstance(sql, str) else sql
+    return any(c.name in columns for c in tree.find_all(exp.Column))
 
 
 def _prepend(first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -199,6 +199,12 @@ class ResultsCache:
             for key in [k for k, e in self._entries.items() if table in e.tables]:
                 self._drop(key, "invalidated")
 
+    def clear(self) -> None:
+        """Drop every entry (the spicepod changed: a view may read other tables now)."""
+        with self._lock:
+            for key in list(self._entries):
+                self._drop(key, "invalidated")
+
     def _drop(self, key: str, reason: str) -> None:
         entry = self._entries.pop(key)
         self._size -= entry.size

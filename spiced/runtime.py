@@ -8,6 +8,7 @@ file-backed TLS material.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -36,8 +37,9 @@ DRAIN_SECONDS = 10.0
 
 
 class Runtime:
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, args: argparse.Namespace | None = None) -> None:
         self.config = config
+        self.args = args  # read again when the spicepod changes (--pods-watcher-enabled)
         self.metrics = Metrics()
         self._stop = asyncio.Event()
         self._http_shutdown = asyncio.Event()
@@ -93,6 +95,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         state, tls = self.state, self.state.tls
+        for warning in self.config.spicepod.warnings:
+            log.warning("%s", warning)
         state.engine.datasets.register_all()
 
         from .http.app import create_app, create_metrics_app
@@ -121,6 +125,11 @@ class Runtime:
             log.info("mTLS-as-channel mode active: client cert AND `runtime.auth` credentials are both required")
 
         self._tasks.append(asyncio.create_task(state.engine.datasets.load_all()))
+        if self.config.pods_watcher and self.args is not None:
+            from .pods_watcher import PodsWatcher
+
+            watcher = PodsWatcher(self.config, self.args, state.engine)
+            self._tasks.append(asyncio.create_task(watcher.run(self._stop), name="pods watcher"))
         await self._stop.wait()
         await self._drain()
         self.state.engine.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -163,3 +164,22 @@ def test_a_password_in_the_url_is_refused(tmp_path: Path) -> None:
     r = spiced_fails(write_pod(tmp_path, base.format(url="http://u:s3cr3t-pw-value@127.0.0.1:9/x.parquet")))
     assert r.returncode == 1 and "use the `http_password` parameter" in r.stderr.splitlines()[-1]
     assert "s3cr3t-pw-value" not in r.stderr
+
+
+def test_a_file_added_to_a_folder_is_read_by_queries_and_full_refreshes(tmp_path: Path) -> None:
+    """DataFusion caches folder listings without expiry unless told not to: a new file must count."""
+    write_ids(tmp_path / "parts" / "a.parquet", 0, 10)
+    params = "      file_format: parquet\n"
+    (tmp_path / "spicepod.yaml").write_text(
+        spicepod_yaml(dataset_yaml("file:parts/", "in_place", params),
+                      dataset_yaml("file:parts/", "loaded", params, accelerated=True))
+        + "runtime:\n  caching:\n    sql_results:\n      enabled: false\n")
+    with run_spiced(tmp_path) as rt:
+        assert sql_json(rt, "SELECT count(*) AS n FROM in_place", cached=False) == [{"n": 10}]
+        write_ids(tmp_path / "parts" / "b.parquet", 10, 5)
+        assert sql_json(rt, "SELECT count(*) AS n FROM in_place", cached=False) == [{"n": 15}]
+        mark = len(rt.logs())
+        answer = httpx.post(rt.http_url + "/v1/datasets/loaded/acceleration/refresh", timeout=10)
+        assert answer.status_code == 201, answer.text
+        rt.wait_for_log(r"Loaded 15 rows .* for dataset loaded", after=mark)
+        assert sql_json(rt, "SELECT count(*) AS n FROM loaded", cached=False) == [{"n": 15}]

@@ -34,6 +34,9 @@ class SqlSource(Source, Protocol):
     dialect: str  # datafusion.unparser.Dialect and sqlglot dialect name
     key: str  # the database it reaches: queries touching only sources with one key go to it whole
     table: tuple[str, ...]  # the table's name at the source, part by part
+    # Columns the source cannot compare or compute on as DataFusion does (SQLite holds timestamps
+    # as text): nothing that reads them is sent to the source, DataFusion does it on fetched rows.
+    opaque_columns: frozenset[str]
 
     def schema(self) -> pa.Schema:
         """The table's Arrow schema as this source reads it."""

@@ -49,12 +49,12 @@ def sqlite_options(target: str, checked: Checked, workdir: Path) -> EmbeddedOpti
 
 
 class EmbeddedSource(PooledSqlSource):
-    def __init__(self, options: EmbeddedOptions) -> None:
+    def __init__(self, options: EmbeddedOptions, pool_size: int = POOL_SIZE) -> None:
         self.options = options
         self.dialect = options.engine
         self.table = options.table
         self.key = f"{options.engine}:{options.path}"
-        super().__init__(ConnectionPool(self._connect, POOL_SIZE))
+        super().__init__(ConnectionPool(self._connect, pool_size))
 
     def _connect(self) -> Any:
         if self.options.engine == "duckdb":

@@ -30,10 +30,11 @@ class Spec:
     prefix: str
     component: tuple[Param, ...] = ()
     runtime: tuple[Param, ...] = ()
+    kind: str = "connector"  # or "accelerator"
 
     @property
     def label(self) -> str:
-        return f"connector {self.connector}"
+        return f"{self.kind} {self.connector}"
 
 
 # Finds a missing secret parameter in the secret stores by its prefixed name (`pg_pass`).

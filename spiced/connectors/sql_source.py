@@ -95,6 +95,7 @@ class PooledSqlSource:
     dialect: str
     key: str
     table: tuple[str, ...]
+    opaque_columns: frozenset[str] = frozenset()
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool

@@ -14,11 +14,17 @@ from collections.abc import Iterator
 import pyarrow as pa
 from datafusion import DataFrame, LogicalPlan, SessionContext
 from datafusion.expr import Projection, TableScan
+from sqlglot import exp
 
 from ..batches import coalesce
+from ..plans import READ_ONLY
+from .accelerator import Checkpoint, Written
+from .time_filter import Value, newest_value
 
 
 class ArrowStore:
+    engine = "arrow"
+
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
         self._lock = threading.Lock()
@@ -26,14 +32,60 @@ class ArrowStore:
         self._swap_lock = threading.Lock()
         self._swaps = 0  # swaps begun; odd while one is under way
 
-    def replace(self, name: str, reader: pa.RecordBatchReader) -> pa.Table:
-        """Hold everything `reader` gives as `name`, in place of what was held; returns it."""
+    def replace(self, name: str, reader: pa.RecordBatchReader) -> Written:
+        """Hold everything `reader` gives as `name`, in place of what was held."""
         table = reader.read_all()
+        self._hold(name, table.schema, table.to_batches())
+        return Written(table.num_rows, table.nbytes)
+
+    def append(self, name: str, reader: pa.RecordBatchReader) -> Written:
+        with self._lock:
+            held = list(self._stored.get(name, ()))
+        schema = held[0].schema if held else reader.schema
+        added = reader.read_all()
+        if added.num_rows:
+            added = added.select(schema.names).cast(schema) if added.schema != schema else added
+        self._hold(name, schema, [*held, *added.to_batches()])
+        return Written(added.num_rows, added.nbytes)
+
+    def holds(self, name: str) -> bool:
+        with self._lock:
+            return name in self._stored
+
+    def newest(self, name: str, column: str) -> Value | None:
+        with self._lock:
+            held = self._stored.get(name, [])
+        if not held:
+            return None
+        return newest_value(pa.chunked_array([b.column(column) for b in held], type=held[0].schema.field(column).type))
+
+    def delete(self, name: str, condition: exp.Expression) -> int:
+        with self._lock:
+            held = self._stored.get(name, [])
+        before = sum(b.num_rows for b in held)
+        kept = exp.select("*").from_(exp.to_table(name, quoted=True)).where(exp.Is(this=exp.paren(condition),
+                                                                                     expression=exp.true()).not_())
+        table = self.ctx.sql_with_options(kept.sql(), READ_ONLY).to_arrow_table()
+        self._hold(name, table.schema, table.to_batches())
+        return before - table.num_rows
+
+    def checkpoint(self, name: str) -> Checkpoint | None:
+        return None  # memory only: nothing outlives the process
+
+    def close(self) -> None:
+        pass
+
+    def _hold(self, name: str, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
         # Stored as batches of up to 256K rows and 4 MB: a plain scan hands them out as they are,
         # in a few large messages. DataFusion needs at least one batch to know the schema: an
         # empty source gets an empty batch.
-        batches = list(coalesce(table.to_batches(), 262_144, first_alone=False)) \
-            or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        batches = list(coalesce(batches, 262_144, first_alone=False)) \
+            or [pa.RecordBatch.from_pylist([], schema=schema)]
+        self.register(name, batches, held=True)
+
+    def register(self, name: str, batches: list[pa.RecordBatch], *, held: bool) -> None:
+        """`name` reads `batches` from now on, swapped in as `Engine.plan` expects; `held`: they
+        are the dataset's rows (else a placeholder with the schema of a table kept elsewhere)."""
         with self._swap_lock:
             self._swaps += 1
             try:
@@ -41,10 +93,24 @@ class ArrowStore:
                     self.ctx.deregister_table(name)
                 self.ctx.register_record_batches(name, [batches])
                 with self._lock:
-                    self._stored[name] = batches
+                    if held:
+                        self._stored[name] = batches
+                    else:
+                        self._stored.pop(name, None)
             finally:
                 self._swaps += 1
-        return table
+
+    def drop(self, name: str) -> None:
+        """`name` is no longer a table (its dataset left the spicepod)."""
+        with self._swap_lock:
+            self._swaps += 1
+            try:
+                if self.ctx.table_exist(name):
+                    self.ctx.deregister_table(name)
+                with self._lock:
+                    self._stored.pop(name, None)
+            finally:
+                self._swaps += 1
 
     @property
     def swaps(self) -> int:

@@ -116,7 +116,8 @@ def watched_dirs(paths: Iterable[Path]) -> set[Path]:
     return {d for d in dirs if d.is_dir()}
 
 
-async def notify(stop: asyncio.Event, paths: Iterable[Path], tick: Callable[[], None]) -> None:
+async def notify(stop: asyncio.Event, paths: Iterable[Path], tick: Callable[[], None],
+                 label: str = "TLS reload") -> None:
     """Call `tick` shortly after the filesystem reports any change in the directories holding `paths`,
     until `stop` is set. Returns early, with one WARN line, where notifications are unavailable (the
     polling loop, which runs beside this, then carries on alone)."""
@@ -133,11 +134,11 @@ async def notify(stop: asyncio.Event, paths: Iterable[Path], tick: Callable[[], 
                 try:
                     tick()
                 except Exception:
-                    log.exception("TLS reload: unexpected error while checking TLS material")
+                    log.exception("%s: unexpected error while checking for changes", label)
                 if watched_dirs(paths) != dirs:
                     break  # a symlink now points into another directory: watch that one instead
             else:
                 return  # stopped
         except (OSError, RuntimeError) as e:  # no inotify here, or its watch limit reached
-            log.warning("TLS reload: filesystem notifications unavailable (%s); checking every 2 s instead", e)
+            log.warning("%s: filesystem notifications unavailable (%s); checking every 2 s instead", label, e)
             return
