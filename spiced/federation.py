@@ -28,6 +28,7 @@ from datafusion import DataFrame, LogicalPlan, SessionConfig, SessionContext
 from datafusion.expr import Filter, TableScan
 from datafusion.unparser import Dialect, Unparser
 from sqlglot import exp
+from sqlglot.errors import ErrorLevel
 
 from .batches import conformed
 from .config import Spicepod
@@ -112,8 +113,9 @@ class Federation:
         try:
             text = Unparser(getattr(Dialect, source.dialect)()).plan_to_sql(plan)
             opaque = frozenset().union(*(sources[n].opaque_columns for n in reading))
-            if opaque and _reads_columns(text, source.dialect, opaque):
-                log.debug("Federated query reads columns %s cannot compute on; running it here", source.key)
+            if not _faithful(sqlglot.parse_one(text, read=source.dialect), source.dialect, opaque):
+                log.debug("Federated query not sent whole to %s: it would answer differently; running it here",
+                          source.key)
                 return None
             text = rename_tables(text, source.dialect, {n: sources[n].table for n in reading})
             log.debug("Query sent whole to %s: %s", source.key, text)
@@ -190,7 +192,8 @@ def rename_tables(text: str, dialect: str, tables: Mapping[str, tuple[str, ...]]
         name = dataset_name(node.catalog or None, node.db or None, node.name)
         if name is not None and name in tables:
             node.replace(_source_table(tables[name], node.alias or node.name))
-    return tree.sql(dialect=dialect)
+    # sqlglot rewrites what it cannot say in the dialect (to_char's format dropped): refuse instead.
+    return tree.sql(dialect=dialect, unsupported_level=ErrorLevel.RAISE)
 
 
 def _source_table(parts: tuple[str, ...], alias: str) -> exp.Table:
@@ -234,7 +237,7 @@ def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: d
                 where = sqlglot.parse_one(unparsed, read=dialect).args.get("where")
                 # A subquery in the filter reads other tables, which the source does not have.
                 if where is not None and not where.find(exp.Select) \
-                        and not _reads_columns(where, dialect, sources[name].opaque_columns):
+                        and _faithful(where, dialect, sources[name].opaque_columns):
                     predicate = where.this
             except Exception as e:  # a filter the source's dialect cannot say: DataFusion applies it
                 log.debug("Filter on %s not pushed down: %s", name, e)
@@ -247,11 +250,25 @@ def _collect_reads(plan: LogicalPlan, sources: Mapping[str, SqlSource], reads: d
             r.columns = {"*"}
 
 
-def _reads_columns(sql: str | exp.Expression, dialect: str, columns: frozenset[str]) -> bool:
-    if not columns:
-        return False
-    tree = sqlglot.parse_one(sql, read=dialect) if isinstance(sql, str) else sql
-    return any(c.name in columns for c in tree.find_all(exp.Column))
+# What a database computes differently from DataFusion, so a query using it is not sent there:
+# integer casts round there (DataFusion truncates), to_char's formats differ, and SQLite's
+# upper/lower change ASCII letters only.
+_NOT_SENT: tuple[type[exp.Expression], ...] = (exp.TimeToStr, exp.ToChar)
+_NOT_SENT_TO: dict[str, tuple[type[exp.Expression], ...]] = {"sqlite": (exp.Upper, exp.Lower, exp.Initcap)}
+
+
+def _faithful(tree: exp.Expr, dialect: str, opaque: frozenset[str]) -> bool:
+    """Whether `dialect`'s database answers `tree` as DataFusion would; `opaque` are columns it
+    cannot compute on at all (spiced.connectors.base.SqlSource)."""
+    refused = _NOT_SENT + _NOT_SENT_TO.get(dialect, ())
+    for node in tree.walk():
+        if isinstance(node, refused):
+            return False
+        if isinstance(node, (exp.Cast, exp.TryCast)) and node.to.is_type(*exp.DataType.INTEGER_TYPES):
+            return False
+        if opaque and isinstance(node, exp.Column) and node.name in opaque:
+            return False
+    return True
 
 
 def _prepend(first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

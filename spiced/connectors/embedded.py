@@ -65,7 +65,11 @@ class EmbeddedSource(PooledSqlSource):
             return con
         import adbc_driver_sqlite.dbapi as sqlite
 
-        return sqlite.connect(f"file:{self.options.path}?mode=ro", autocommit=True)  # no read transaction held open
+        conn = sqlite.connect(f"file:{self.options.path}?mode=ro", autocommit=True)  # no read transaction held open
+        cursor = conn.cursor()
+        cursor.execute("PRAGMA case_sensitive_like = ON")  # LIKE as DataFusion's: SQLite's ignores ASCII case
+        cursor.close()
+        return conn
 
     def _run(self, conn: Any, sql: str) -> tuple[Any, pa.RecordBatchReader]:
         if self.options.engine == "duckdb":  # each pooled connection serves one query at a time

@@ -290,13 +290,28 @@ class Datasets:
     async def _load_until_loaded(self, ds: Dataset, tried: asyncio.Event) -> None:
         """The first load, retried with backoff (as `refresh_retry_*` say, for an accelerated dataset)."""
         attempt = 0
-        while not await asyncio.to_thread(self.load_one, ds):
+        while not await asyncio.to_thread(self._load_first, ds):
             tried.set()
             if not self._may_retry(ds, attempt):
                 return  # the refresh schedule, if any, tries again
             await asyncio.sleep(backoff(attempt))
             attempt += 1
         tried.set()
+
+    def _load_first(self, ds: Dataset) -> bool:
+        """One attempt at the first load. With `ready_state: on_registration` the dataset is
+        queryable meanwhile: a stand-in with the source's schema lets queries plan, and the engine
+        sends them to the source (`from_source`) until the accelerator holds the data."""
+        if ds.ready_state == "on_registration" and ds.accelerated and not self.ctx.table_exist(ds.name):
+            try:
+                source = self.source(ds)
+                if isinstance(source, SqlSource):
+                    self.store.register(ds.name, [pa.RecordBatch.from_pylist([], schema=source.schema())], held=False)
+                else:
+                    source.register(self.ctx, ds.name)
+            except Exception as e:  # the load below says why, once
+                log.debug("No stand-in for dataset %s yet: %s", ds.name, engine_message(e))
+        return self.load_one(ds)
 
     @staticmethod
     def _may_retry(ds: Dataset, attempt: int) -> bool:
