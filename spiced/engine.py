@@ -30,6 +30,7 @@ from datafusion.expr import (
     Union,
     Window,
 )
+from datafusion.record_batch import RecordBatchStream
 
 from .batches import PLAIN_ARROW_TYPES, plain_schema
 from .config import Spicepod
@@ -191,15 +192,11 @@ class Engine:
         if stored is not None:
             return self._or_source(df, sql, params, names, QueryStream(df.schema(), stored, deadline, stopper),
                                    deadline, stopper)
-        try:
+        def start() -> Iterator[pa.RecordBatch] | RecordBatchStream:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
-            stream = federated if federated is not None else stopper.call(df.execute_stream)
-        except Stopped as e:
-            raise e.error from None
-        except QueryError:
-            raise
-        except Exception as e:
-            raise engine_error(e) from None
+            return federated if federated is not None else stopper.call(df.execute_stream)
+
+        stream = _as_query_error(start)
         return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
                                deadline, stopper)
 
@@ -211,14 +208,7 @@ class Engine:
 
     def _guarded(self, df: DataFrame, deadline: Deadline | None, stopper: Stopper,
                  fn: Callable[..., Iterator[pa.RecordBatch]], *args: object) -> QueryStream:
-        try:
-            batches = _bounded(stopper, deadline, fn, *args)
-        except Stopped as e:
-            raise e.error from None
-        except QueryError:
-            raise
-        except Exception as e:
-            raise engine_error(e) from None
+        batches = _as_query_error(lambda: _bounded(stopper, deadline, fn, *args))
         return QueryStream(df.schema(), batches, deadline, stopper)
 
     def _or_source(self, df: DataFrame, sql: str, params: Params | None, names: set[str], result: QueryStream,
@@ -252,6 +242,18 @@ class _Cached:
     hit: Entry | None
     store: Callable[[list[pa.RecordBatch]], None]
     limit: int  # bytes: a larger result is not kept
+
+
+def _as_query_error(start: Callable[[], T]) -> T:
+    """`start()`, its failures as the QueryErrors a client is answered with."""
+    try:
+        return start()
+    except Stopped as e:
+        raise e.error from None
+    except QueryError:
+        raise
+    except Exception as e:
+        raise engine_error(e) from None
 
 
 def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], *args: object) -> T:

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,33 +170,40 @@ class EmbeddedAccelerator:
 
     # -------------------------------------------------------------- writes
 
-    def replace(self, name: str, reader: pa.RecordBatchReader) -> Written:
-        counted = _Counted(reader)
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write, alone (the write lock) and whole (committed, or rolled back on any failure)."""
         with self._write_lock:
             try:
                 self._begin()
-                if self.engine == "duckdb":
-                    order = ", ".join(quoted(c) for c in self.settings.sort_columns)
-                    self._writer.register(_INCOMING, counted.reader)
-                    try:
-                        self._execute(f"CREATE OR REPLACE TABLE {quoted(name)} AS SELECT * FROM {_INCOMING}"
-                                      + (f" ORDER BY {order}" if order else ""))
-                    finally:
-                        self._writer.unregister(_INCOMING)
-                else:
-                    staging = f"{name}__spice_new"
-                    cursor = self._writer.cursor()
-                    cursor.adbc_ingest(staging, counted.reader, mode="replace")
-                    cursor.close()
-                    self._execute(f"DROP TABLE IF EXISTS {quoted(name)}")
-                    self._execute(f"ALTER TABLE {quoted(staging)} RENAME TO {quoted(name)}")
-                self._indexes(name)
-                self._record(name, reader.schema)
+                yield
                 self._commit()
             except BaseException:
                 self._rollback()
                 raise
-            if self.engine == "duckdb" and self.settings.recompute_statistics:
+
+    def replace(self, name: str, reader: pa.RecordBatchReader) -> Written:
+        counted = _Counted(reader)
+        with self._transaction():
+            if self.engine == "duckdb":
+                order = ", ".join(quoted(c) for c in self.settings.sort_columns)
+                self._writer.register(_INCOMING, counted.reader)
+                try:
+                    self._execute(f"CREATE OR REPLACE TABLE {quoted(name)} AS SELECT * FROM {_INCOMING}"
+                                  + (f" ORDER BY {order}" if order else ""))
+                finally:
+                    self._writer.unregister(_INCOMING)
+            else:
+                staging = f"{name}__spice_new"
+                cursor = self._writer.cursor()
+                cursor.adbc_ingest(staging, counted.reader, mode="replace")
+                cursor.close()
+                self._execute(f"DROP TABLE IF EXISTS {quoted(name)}")
+                self._execute(f"ALTER TABLE {quoted(staging)} RENAME TO {quoted(name)}")
+            self._indexes(name)
+            self._record(name, reader.schema)
+        if self.engine == "duckdb" and self.settings.recompute_statistics:
+            with self._write_lock:
                 self._execute(f"ANALYZE {quoted(name)}")
         self._attach(name, reader.schema)
         return Written(counted.rows, counted.nbytes)
@@ -203,45 +211,31 @@ class EmbeddedAccelerator:
     def append(self, name: str, reader: pa.RecordBatchReader) -> Written:
         schema = self._schemas[name]
         counted = _Counted(_in_order(reader, schema))
-        with self._write_lock:
-            try:
-                self._begin()
-                if self.engine == "duckdb":
-                    self._writer.register(_INCOMING, counted.reader)
-                    try:
-                        self._execute(f"INSERT INTO {quoted(name)} BY NAME SELECT * FROM {_INCOMING}")
-                    finally:
-                        self._writer.unregister(_INCOMING)
-                else:
-                    cursor = self._writer.cursor()
-                    cursor.adbc_ingest(name, counted.reader, mode="append")
-                    cursor.close()
-                self._touch(name)
-                self._commit()
-            except BaseException:
-                self._rollback()
-                raise
+        with self._transaction():
+            if self.engine == "duckdb":
+                self._writer.register(_INCOMING, counted.reader)
+                try:
+                    self._execute(f"INSERT INTO {quoted(name)} BY NAME SELECT * FROM {_INCOMING}")
+                finally:
+                    self._writer.unregister(_INCOMING)
+            else:
+                cursor = self._writer.cursor()
+                cursor.adbc_ingest(name, counted.reader, mode="append")
+                cursor.close()
+            self._touch(name)
         return Written(counted.rows, counted.nbytes)
 
     def delete(self, name: str, condition: exp.Expression) -> int:
-        with self._write_lock:
-            try:
-                self._begin()
-                cursor = self._execute(f"DELETE FROM {quoted(name)} WHERE {condition.sql(dialect=self.dialect)}")
-                if self.engine == "duckdb":
-                    row = cursor.fetchone()
-                    deleted = int(row[0]) if row else 0
-                else:
-                    cursor.close()  # the ADBC driver's rowcount is -1 for a DELETE: SQLite counts them
-                    cursor = self._execute("SELECT changes()")
-                    row = cursor.fetchone()
-                    deleted = int(row[0]) if row else 0
-                    cursor.close()
-                self._touch(name)
-                self._commit()
-            except BaseException:
-                self._rollback()
-                raise
+        with self._transaction():
+            cursor = self._execute(f"DELETE FROM {quoted(name)} WHERE {condition.sql(dialect=self.dialect)}")
+            if self.engine == "sqlite":
+                cursor.close()  # the ADBC driver's rowcount is -1 for a DELETE: SQLite counts them
+                cursor = self._execute("SELECT changes()")
+            row = cursor.fetchone()
+            deleted = int(row[0]) if row else 0
+            if self.engine == "sqlite":
+                cursor.close()
+            self._touch(name)
         return deleted
 
     def _indexes(self, name: str) -> None:
