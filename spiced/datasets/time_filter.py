@@ -97,7 +97,8 @@ def literal(value: Value, dialect: str | None, unit: str = "us") -> exp.Expressi
         if dialect == "sqlite":
             return exp.Literal.string(_sqlite_text(utc.strftime("%Y-%m-%dT%H:%M:%S.%f"), unit))
         if dialect == "mysql":  # MariaDB reads no offset in a literal; its sessions here are UTC
-            return exp.cast(exp.Literal.string(utc.strftime("%Y-%m-%d %H:%M:%S.%f")), exp.DataType.build("datetime"))
+            return exp.cast(exp.Literal.string(utc.strftime("%Y-%m-%d %H:%M:%S.%f")),
+                            exp.DataType.build("datetime(6)", dialect="mysql"))  # DATETIME alone drops the fraction
         return exp.cast(exp.Literal.string(utc.isoformat()), exp.DataType.build("timestamptz"))
     if dialect == "sqlite":
         return exp.Literal.string(value.isoformat())
