@@ -264,11 +264,18 @@ def _faithful(tree: exp.Expr, dialect: str, opaque: frozenset[str]) -> bool:
     for node in tree.walk():
         if isinstance(node, refused):
             return False
-        if isinstance(node, (exp.Cast, exp.TryCast)) and node.to.is_type(*exp.DataType.INTEGER_TYPES):
+        if isinstance(node, (exp.Cast, exp.TryCast)) and node.to.is_type(*exp.DataType.INTEGER_TYPES) \
+                and not _integer_literal(node.this):
             return False
         if opaque and isinstance(node, exp.Column) and node.name in opaque:
             return False
     return True
+
+
+def _integer_literal(node: exp.Expr) -> bool:
+    """`5`, `-5`: a cast of it to an integer type gives the same everywhere."""
+    inner = node.this if isinstance(node, exp.Neg) else node
+    return isinstance(inner, exp.Literal) and inner.is_int
 
 
 def _prepend(first: pa.RecordBatch | None, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
