@@ -43,7 +43,15 @@ load-tools:
 	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v stunnel4 >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client stunnel4 >/dev/null; }
 
-bench: install load-tools db-tools
+# nginx, the TLS-terminating proxy in front of roapi in the peers section of the benchmarks (Debian's
+# package, run by the benchmark as its own foreground process; the image's policy-rc.d keeps the
+# package's service from starting).
+.PHONY: peer-tools
+peer-tools:
+	@command -v nginx >/dev/null || command -v /usr/sbin/nginx >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+
+bench: install load-tools db-tools peer-tools
 	$(BIN)/python -m bench
 
 soak: install load-tools
