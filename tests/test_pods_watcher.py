@@ -104,16 +104,18 @@ def test_spicepod_edits_apply_while_other_datasets_keep_serving(watched: tuple[R
     reader.start()
     try:
         # Added: a dataset (in another engine) and a view over it.
-        write(pod, HEAD + dataset("old") + dataset("added", "      engine: duckdb\n")
+        write(pod, HEAD + dataset("old") + dataset("added", "      engine: duckdb\n      mode: file\n")
               + "views:\n  - name: small\n    sql: SELECT id FROM added WHERE id < 3\n")
         eventually(lambda: rows(rt, "SELECT count(*) AS n FROM added") == [{"n": 100}])
         eventually(lambda: rows(rt, "SELECT id FROM small ORDER BY id") == [{"id": 0}, {"id": 1}, {"id": 2}])
 
-        # Changed: its entry edited, so it is loaded again with the new settings.
+        # Changed: entries edited, so they are loaded again with the new settings (in file mode
+        # too, where the file still holds the rows of the old settings).
+        added = "      engine: duckdb\n      mode: file\n      refresh_sql: SELECT * FROM added WHERE id < 50\n"
         write(pod, HEAD + dataset("old", "      refresh_sql: SELECT * FROM old WHERE id >= 90\n")
-              + dataset("added", "      engine: duckdb\n")
-              + "views:\n  - name: small\n    sql: SELECT id FROM added WHERE id < 3\n")
+              + dataset("added", added) + "views:\n  - name: small\n    sql: SELECT id FROM added WHERE id < 3\n")
         eventually(lambda: rows(rt, "SELECT count(*) AS n FROM old") == [{"n": 10}])
+        eventually(lambda: rows(rt, "SELECT count(*) AS n FROM added") == [{"n": 50}])
 
         # A spicepod that no longer parses: said once, and everything keeps serving as it was.
         mark = len(rt.logs())
@@ -122,7 +124,7 @@ def test_spicepod_edits_apply_while_other_datasets_keep_serving(watched: tuple[R
                         after=mark)
         time.sleep(2.5)  # the next poll must not apply or report it again
         assert rows(rt, "SELECT count(*) AS n FROM old") == [{"n": 10}]
-        assert rows(rt, "SELECT count(*) AS n FROM added") == [{"n": 100}]
+        assert rows(rt, "SELECT count(*) AS n FROM added") == [{"n": 50}]
         assert sum("Invalid app state detected" in line for line in rt.logs()[mark:]) == 1
 
         # Removed: the dataset and the view over it are gone; queries on them are refused with a 4xx.

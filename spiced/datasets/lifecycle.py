@@ -328,11 +328,13 @@ class Datasets:
         await asyncio.gather(*(event.wait() for event in await asyncio.gather(*tried)))
         await asyncio.to_thread(self.register_views)
 
-    async def _start(self, ds: Dataset) -> asyncio.Event:
-        """Begin loading `ds` and its schedules; the event is set once its first attempt is over."""
+    async def _start(self, ds: Dataset, *, restore: bool = True) -> asyncio.Event:
+        """Begin loading `ds` and its schedules; the event is set once its first attempt is over.
+        `restore`: in file mode, serve what an earlier load left in the file (not after an edit of
+        the dataset, whose data must follow its new settings)."""
         tried = asyncio.Event()
         a = ds.acceleration if ds.accelerated else None
-        restored = await asyncio.to_thread(self._restore, ds) if a is not None and a.persistent else None
+        restored = await asyncio.to_thread(self._restore, ds) if a is not None and a.persistent and restore else None
         first_refresh = a.refresh_check_interval if a is not None else None
         if a is not None and restored is not None:
             tried.set()
@@ -385,7 +387,7 @@ class Datasets:
         starting = [ds for ds in new.datasets if ds.name in added | changed]
         for ds in starting:
             self._register(ds)
-        tried = await asyncio.gather(*(self._start(ds) for ds in starting))
+        tried = await asyncio.gather(*(self._start(ds, restore=ds.name not in changed) for ds in starting))
         await asyncio.gather(*(event.wait() for event in tried))
         await asyncio.to_thread(self.register_views)
 
