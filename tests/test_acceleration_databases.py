@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.dbservers import MariaDbServer, PgServer, mariadb_server, postgres_server
-from tests.pki import Pki
+from tests.dbservers import MariaDbServer, PgServer
 from tests.support import Runtime, dataset_yaml, run_spiced, spicepod_yaml, sql_json, write_pod
 from tests.test_connectors_databases import my_params, pg_params
 
@@ -32,25 +31,6 @@ def accelerated(from_: str, name: str, params: str, acceleration: str, time_colu
     if time_column:
         entry += f"    time_column: {time_column}\n"
     return entry + "    acceleration:\n      enabled: true\n" + acceleration
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[PgServer]:
-    with postgres_server(tmp_path_factory.mktemp("pg"), pki) as server:
-        server.run_sql(SEED_PG)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def my(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[MariaDbServer]:
-    with mariadb_server(tmp_path_factory.mktemp("my"), pki) as server:
-        server.run_sql(SEED_MY)
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
 
-from tests.dbservers import MariaDbServer, PgServer, issue_named, mariadb_server, postgres_server
+from tests.dbservers import MariaDbServer, PgServer, issue_named, postgres_server
 from tests.pki import Pki
 from tests.query_rig import cancel, wait_listed
 from tests.support import Runtime, dataset_yaml, run_spiced, spiced_fails, spicepod_yaml, sql_json, write_pod
@@ -52,25 +52,6 @@ def my_params(my: MariaDbServer, **extra: str) -> str:
     return "".join(f"      {k}: {v}\n" for k, v in params.items())
 
 
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[PgServer]:
-    with postgres_server(tmp_path_factory.mktemp("pg"), pki) as server:
-        server.run_sql(SEED_PG)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def my(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[MariaDbServer]:
-    with mariadb_server(tmp_path_factory.mktemp("my"), pki) as server:
-        server.run_sql(SEED_MY)
-        yield server
 
 
 def secrets(pg: PgServer, my: MariaDbServer) -> dict[str, str]:
