@@ -18,12 +18,11 @@ import sqlglot
 from sqlglot import exp
 
 from .connectors.params import BOOL, Checked, Param, ParamError, Spec, check
+from .datasets.overrides import RefreshMode
 from .spicepod import AccelerationSpec, DatasetSpec
 
 Engine = Literal["arrow", "duckdb", "sqlite"]
 Mode = Literal["memory", "file", "file_create", "file_update"]
-RefreshMode = Literal["full", "append"]
-TimeFormat = Literal["timestamp", "timestamptz", "unix_seconds", "unix_millis", "ISO8601", "date"]
 
 ENGINE_SPECS: dict[str, Spec] = {
     "arrow": Spec("arrow", "arrow", kind="accelerator"),
@@ -80,7 +79,7 @@ class Acceleration:
     refresh_on_startup: Literal["auto", "always"] = "auto"
     on_zero_results: Literal["return_empty", "use_source"] = "return_empty"
     retention: Retention | None = None
-    indexes: tuple[tuple[str, bool], ...] = ()  # (column or "(a, b)", unique)
+    indexes: tuple[tuple[tuple[str, ...], bool], ...] = ()  # (columns, unique)
     primary_key: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -217,12 +216,12 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip().strip('"') for c in text.strip().strip("()").split(",") if c.strip())
 
 
-def _indexes(indexes: Mapping[str, object] | None) -> tuple[tuple[str, bool], ...]:
+def _indexes(indexes: Mapping[str, object] | None) -> tuple[tuple[tuple[str, ...], bool], ...]:
     out = []
     for columns, kind in (indexes or {}).items():
         if kind not in ("enabled", "unique"):
             raise AccelerationError(f"indexes.{columns}: expected enabled or unique (got {kind!r})")
-        out.append((columns, kind == "unique"))
+        out.append((_columns(columns), kind == "unique"))
     return tuple(out)
 
 

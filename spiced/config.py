@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import __version__
-from .acceleration import Acceleration, AccelerationError, TimeFormat, acceleration
+from .acceleration import Acceleration, AccelerationError, acceleration
 from .connectors import CONNECTORS
 from .connectors.params import ParamError, check
 from .durations import parse_duration
@@ -27,6 +27,7 @@ from .spicepod import (
     DatasetSpec,
     RuntimeSpec,
     SpicepodSpec,
+    TimeFormat,
     TlsSpec,
     find_spicepod,
     read_spicepod,

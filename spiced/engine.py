@@ -192,6 +192,7 @@ class Engine:
         if stored is not None:
             return self._or_source(df, sql, params, names, QueryStream(df.schema(), stored, deadline, stopper),
                                    deadline, stopper)
+
         def start() -> Iterator[pa.RecordBatch] | RecordBatchStream:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
             return federated if federated is not None else stopper.call(df.execute_stream)

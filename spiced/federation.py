@@ -112,12 +112,13 @@ class Federation:
         source = sources[next(iter(reading))]
         try:
             text = Unparser(getattr(Dialect, source.dialect)()).plan_to_sql(plan)
+            tree = sqlglot.parse_one(text, read=source.dialect)
             opaque = frozenset().union(*(sources[n].opaque_columns for n in reading))
-            if not _faithful(sqlglot.parse_one(text, read=source.dialect), source.dialect, opaque):
+            if not _faithful(tree, source.dialect, opaque):
                 log.debug("Federated query not sent whole to %s: it would answer differently; running it here",
                           source.key)
                 return None
-            text = rename_tables(text, source.dialect, {n: sources[n].table for n in reading})
+            text = rename_tables(tree, source.dialect, {n: sources[n].table for n in reading})
             log.debug("Query sent whole to %s: %s", source.key, text)
             batches = conformed(iter(source.query(text)), target)
             first_batch = next(batches, None)
@@ -184,10 +185,10 @@ def pushed_query(source: SqlSource, name: str, columns: list[str], reads: _Reads
     return query.sql(dialect=source.dialect)
 
 
-def rename_tables(text: str, dialect: str, tables: Mapping[str, tuple[str, ...]]) -> str:
-    """`text` with each dataset table replaced by its source table, aliased to the name the rest
-    of the query uses for it."""
-    tree = sqlglot.parse_one(text, read=dialect)
+def rename_tables(sql: str | exp.Expr, dialect: str, tables: Mapping[str, tuple[str, ...]]) -> str:
+    """`sql` (text, or parsed: it is changed in place) with each dataset table replaced by its
+    source table, aliased to the name the rest of the query uses for it."""
+    tree = sqlglot.parse_one(sql, read=dialect) if isinstance(sql, str) else sql
     for node in list(tree.find_all(exp.Table)):
         name = dataset_name(node.catalog or None, node.db or None, node.name)
         if name is not None and name in tables:

@@ -27,7 +27,9 @@ class Checkpoint:
 
 
 class Accelerator(Protocol):
-    engine: str
+    @property
+    def dialect(self) -> str | None:
+        """The SQL its conditions are written in (None: DataFusion's)."""
 
     def replace(self, name: str, reader: pa.RecordBatchReader) -> Written:
         """Hold what `reader` gives as `name`, in place of what was held, in one step for queries."""
@@ -41,11 +43,17 @@ class Accelerator(Protocol):
     def newest(self, name: str, column: str) -> Value | None:
         """The largest value of `column` held for `name`."""
 
+    def time_unit(self, name: str, column: str) -> str:
+        """The unit (`s`, `ms`, `us`, `ns`) of a timestamp column held for `name`; `us` otherwise."""
+
     def delete(self, name: str, condition: exp.Expression) -> int:
         """Drop the rows of `name` for which `condition` (SQL over its columns) is true; how many."""
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         """The earlier run's data for `name`, registered for queries; None when there is none."""
+
+    def forget(self, name: str) -> None:
+        """`name` left the spicepod: no longer served (a file keeps its table)."""
 
     def close(self) -> None:
         """The runtime is stopping: release files and connections."""

@@ -23,7 +23,7 @@ from .time_filter import Value, newest_value
 
 
 class ArrowStore:
-    engine = "arrow"
+    dialect = None
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
@@ -59,6 +59,12 @@ class ArrowStore:
             return None
         return newest_value(pa.chunked_array([b.column(column) for b in held], type=held[0].schema.field(column).type))
 
+    def time_unit(self, name: str, column: str) -> str:
+        with self._lock:
+            held = self._stored.get(name)
+        kind = held[0].schema.field(column).type if held else None
+        return str(kind.unit) if kind is not None and pa.types.is_timestamp(kind) else "us"
+
     def delete(self, name: str, condition: exp.Expression) -> int:
         with self._lock:
             held = self._stored.get(name, [])
@@ -86,29 +92,29 @@ class ArrowStore:
     def register(self, name: str, batches: list[pa.RecordBatch], *, held: bool) -> None:
         """`name` reads `batches` from now on, swapped in as `Engine.plan` expects; `held`: they
         are the dataset's rows (else a placeholder with the schema of a table kept elsewhere)."""
-        with self._swap_lock:
-            self._swaps += 1
-            try:
-                if self.ctx.table_exist(name):
-                    self.ctx.deregister_table(name)
-                self.ctx.register_record_batches(name, [batches])
-                with self._lock:
-                    if held:
-                        self._stored[name] = batches
-                    else:
-                        self._stored.pop(name, None)
-            finally:
-                self._swaps += 1
+        self._swap(name, batches, held=held)
 
     def drop(self, name: str) -> None:
         """`name` is no longer a table (its dataset left the spicepod)."""
+        self._swap(name, None, held=False)
+
+    def forget(self, name: str) -> None:
+        self.drop(name)
+
+    def _swap(self, name: str, batches: list[pa.RecordBatch] | None, *, held: bool) -> None:
+        """Take `name` out of the session and put `batches` in (if any), counted in `swaps`."""
         with self._swap_lock:
             self._swaps += 1
             try:
                 if self.ctx.table_exist(name):
                     self.ctx.deregister_table(name)
+                if batches is not None:
+                    self.ctx.register_record_batches(name, [batches])
                 with self._lock:
-                    self._stored.pop(name, None)
+                    if held and batches is not None:
+                        self._stored[name] = batches
+                    else:
+                        self._stored.pop(name, None)
             finally:
                 self._swaps += 1
 

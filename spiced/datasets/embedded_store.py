@@ -60,7 +60,7 @@ class EmbeddedAccelerator:
         self._federation = federation
         self._write_lock = threading.Lock()
         self._schemas: dict[str, pa.Schema] = {}
-        self._index_specs: dict[str, tuple[tuple[str, bool], ...]] = {}
+        self._index_specs: dict[str, tuple[tuple[tuple[str, ...], bool], ...]] = {}
         self._tables: dict[str, AcceleratedTable] = {}
         self._scratch: Path | None = None
         if file is None and engine == "sqlite":
@@ -241,16 +241,13 @@ class EmbeddedAccelerator:
     def _indexes(self, name: str) -> None:
         """upstream's `indexes` and `primary_key` (as a unique index: an append that repeats a key fails)."""
         for columns, unique in self._index_specs.get(name, ()):
-            cols = [c.strip().strip('"') for c in columns.strip().strip("()").split(",") if c.strip()]
-            index = quoted(f"i_{name}_{'_'.join(cols)}")
+            index = quoted(f"i_{name}_{'_'.join(columns)}")
             self._execute(f"CREATE {'UNIQUE ' if unique else ''}INDEX IF NOT EXISTS {index} ON {quoted(name)} "
-                          f"({', '.join(quoted(c) for c in cols)})")
+                          f"({', '.join(quoted(c) for c in columns)})")
 
-    def set_indexes(self, name: str, indexes: tuple[tuple[str, bool], ...], primary_key: tuple[str, ...]) -> None:
-        specs = list(indexes)
-        if primary_key:
-            specs.append((f"({', '.join(primary_key)})", True))
-        self._index_specs[name] = tuple(specs)
+    def set_indexes(self, name: str, indexes: tuple[tuple[tuple[str, ...], bool], ...],
+                    primary_key: tuple[str, ...]) -> None:
+        self._index_specs[name] = indexes + (((primary_key, True),) if primary_key else ())
 
     def _record(self, name: str, schema: pa.Schema) -> None:
         now = dt.datetime.now(dt.UTC).isoformat()
@@ -274,12 +271,7 @@ class EmbeddedAccelerator:
             table = self._query(f"SELECT max({quoted(column)}) FROM {quoted(name)}")
         values = table.column(0)
         wanted = schema.field(column).type
-        if values.type != wanted and pa.types.is_timestamp(wanted):
-            # SQLite hands timestamps back as text, UTC without an offset: read as naive, then zoned
-            values = pc.cast(pc.cast(values, pa.timestamp(wanted.unit)), wanted)
-        elif values.type != wanted:
-            values = pc.cast(values, wanted)
-        return newest_value(values)
+        return newest_value(values if values.type == wanted else _typed(values, wanted))
 
     def time_unit(self, name: str, column: str) -> str:
         kind = self._schemas[name].field(column).type
@@ -341,6 +333,7 @@ class AcceleratedTable(EmbeddedSource):
         super().__init__(EmbeddedOptions(accelerator.engine, (name,), accelerator.file or Path("memory")),
                          pool_size=accelerator.settings.pool_size)
         self.key = accelerator.key
+        self._zoned = {f.name: f.type for f in schema if pa.types.is_timestamp(f.type) and f.type.tz is not None}
         # Columns the database computes on otherwise than DataFusion; DataFusion does it on fetched rows.
         if accelerator.engine == "sqlite":  # the ADBC driver stores times as ISO text (compared as text
             # there) and booleans as 0/1 (cast to text as '1')
@@ -356,22 +349,29 @@ class AcceleratedTable(EmbeddedSource):
 
     def query(self, sql: str) -> pa.RecordBatchReader:
         reader = super().query(sql)
-        zoned = {f.name: f.type for f in self._schema if pa.types.is_timestamp(f.type) and f.type.tz is not None}
+        zoned = self._zoned
         if self.accelerator.engine != "sqlite" or not any(
                 f.name in zoned and pa.types.is_string(f.type) for f in reader.schema):
             return reader
-        # SQLite holds a zoned timestamp as UTC text without an offset, which Arrow will not cast
-        # to a zoned type: read as naive (UTC), then zoned.
         schema = pa.schema([f.with_type(zoned[f.name]) if f.name in zoned and pa.types.is_string(f.type) else f
                             for f in reader.schema])
         return pa.RecordBatchReader.from_batches(schema, (pa.RecordBatch.from_arrays(
-            [c if c.type == f.type else pc.cast(pc.cast(c, pa.timestamp(f.type.unit)), f.type)
-             for c, f in zip(b.columns, schema, strict=True)], schema=schema) for b in reader))
+            [c if c.type == f.type else _typed(c, f.type) for c, f in zip(b.columns, schema, strict=True)],
+            schema=schema) for b in reader))
 
     def explain(self, e: BaseException) -> Exception:
         text = str(e)
         return RuntimeError(f"the {self.accelerator.engine} accelerator: "
                             f"{text.splitlines()[0] if text else type(e).__name__}")
+
+
+def _typed(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """`values` as SQLite gave them back, in the Arrow type they were written with. A timestamp
+    comes back as UTC text without an offset, which Arrow will not cast to a zoned type: it is
+    read as naive (UTC) first."""
+    if pa.types.is_timestamp(kind):
+        return pc.cast(pc.cast(values, pa.timestamp(kind.unit)), kind)
+    return pc.cast(values, kind)
 
 
 def _temporal(kind: pa.DataType) -> bool:

@@ -116,20 +116,21 @@ class Datasets:
             return self._sources[ds.name]
 
     def accelerator(self, ds: Dataset) -> Accelerator:
+        """The accelerator holding `ds`, opened on first use (a DuckDB or SQLite database is shared
+        by the datasets that name its file)."""
         a = ds.acceleration
         assert a is not None
         if a.engine == "arrow":
             return self.store
-        where = str(a.settings.file) if a.settings.file is not None else "memory"
         with self._lock:
-            accelerator = self._accelerators.get((a.engine, where))
+            accelerator = self._accelerators.get(_database(ds))
             if accelerator is None:
                 sharing = [d.acceleration for d in self.spicepod.datasets if d.acceleration is not None
                            and d.acceleration.engine == a.engine and d.acceleration.settings.file == a.settings.file]
                 accelerator = EmbeddedAccelerator(a.engine, a.settings.file, a.settings,
                                                   recreate=any(s.mode == "file_create" for s in sharing),
                                                   store=self.store, federation=self.federation)
-                self._accelerators[(a.engine, where)] = accelerator
+                self._accelerators[_database(ds)] = accelerator
             accelerator.set_indexes(ds.name, a.indexes, a.primary_key)
         return accelerator
 
@@ -402,10 +403,10 @@ class Datasets:
         with self._write_lock(ds):
             self.store.drop(ds.name)
             self.federation.remove(ds.name)
-            if ds.accelerated and ds.acceleration is not None and ds.acceleration.engine != "arrow":
-                accelerator = self.accelerator(ds)
-                if isinstance(accelerator, EmbeddedAccelerator):
-                    accelerator.forget(ds.name)
+            with self._lock:
+                opened = self._accelerators.get(_database(ds)) if ds.acceleration is not None else None
+            if opened is not None:  # never opened for a dataset about to go (its file may not even open)
+                opened.forget(ds.name)
             with self._lock:
                 source = self._sources.pop(ds.name, None)
                 self._states.pop(ds.name, None)
@@ -492,11 +493,8 @@ class Datasets:
                     condition = retention_condition(r.sql, ds.name)
                 else:
                     assert ds.time_column is not None and r.period is not None
-                    dialect = None if accelerator.engine == "arrow" else accelerator.engine
-                    unit = accelerator.time_unit(ds.name, ds.time_column) \
-                        if isinstance(accelerator, EmbeddedAccelerator) else "us"
                     condition = compare(ds.time_column, exp.LT, cutoff(ds.time_format, r.period), ds.time_format,
-                                        dialect, unit)
+                                        accelerator.dialect, accelerator.time_unit(ds.name, ds.time_column))
                 deleted = accelerator.delete(ds.name, condition)
         except Exception as e:  # the data stays; the next check tries again
             retention_log.warning("Failed to apply retention to dataset %s: %s", ds.name, engine_message(e))
@@ -531,3 +529,10 @@ def _entries(spicepod: Spicepod) -> dict[str, Mapping[str, object]]:
     raw = spicepod.raw.get("datasets")
     entries = raw if isinstance(raw, list) else []
     return {str(e.get("name")): e for e in entries if isinstance(e, Mapping)}
+
+
+def _database(ds: Dataset) -> tuple[str, str]:
+    """Which DuckDB or SQLite database an accelerated dataset is held in: engine and file."""
+    a = ds.acceleration
+    assert a is not None
+    return a.engine, str(a.settings.file) if a.settings.file is not None else "memory"

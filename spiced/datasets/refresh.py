@@ -37,7 +37,7 @@ def read_source(dataset: str, source: Source, query: exp.Select | None, ctx: Ses
     if query is None:
         return source.read(ctx)
     if isinstance(source, SqlSource):
-        text = rename_tables(query.sql(dialect=source.dialect), source.dialect, {dataset: source.table})
+        text = rename_tables(query, source.dialect, {dataset: source.table})
         schema = source.schema()
         reader = source.query(text)
         selected = pa.schema([schema.field(name) for name in reader.schema.names if name in schema.names])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from sqlglot import exp
 
-from ..acceleration import TimeFormat
+from ..spicepod import TimeFormat
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
