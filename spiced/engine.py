@@ -41,6 +41,7 @@ from .federation import Federation
 from .interrupt import Stopped, Stopper
 from .metrics import Metrics
 from .plans import READ_ONLY, dataset_name, scanned
+from .quick import QuickQueries
 from .results_cache import (
     CacheRequest,
     CacheSettings,
@@ -81,6 +82,8 @@ class Engine:
         self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics, session_config,
                                  on_loaded=self.cache.invalidate if self.cache is not None else None)
         self._loop = WaitLoop()
+        self.quick = QuickQueries()
+        self._applied = 0  # spicepod changes applied
         self._use(spicepod)
         if cache is not None:
             for warning in cache.warnings:
@@ -102,8 +105,14 @@ class Engine:
         """A changed spicepod (--pods-watcher-enabled): its datasets and views from now on."""
         await self.datasets.apply(spicepod)
         self._use(spicepod)
+        self._applied += 1
         if self.cache is not None:
             self.cache.clear()
+
+    @property
+    def catalog_version(self) -> int:
+        """Changes whenever an Arrow table is replaced or the spicepod changes."""
+        return self.store.swaps + self._applied
 
     def close(self) -> None:
         """After the drain: queries are over."""

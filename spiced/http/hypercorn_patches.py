@@ -60,6 +60,7 @@ SSL_SHUTDOWN_TIMEOUT = 30.0
 # credit. Such a reader (slow-read attack) would otherwise hold its query and buffers for as long
 # as it likes. 60 s, as nginx's send_timeout.
 SEND_STALL_SECONDS = 60.0
+HEAD_HOLD_LIMIT = 16384
 _SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None  # == SIOCOUTQ
 
 
@@ -67,6 +68,7 @@ class _TlsAwareTCPServer(TCPServer):
     _dropped = False  # set when the connection is dropped at the drain bound
     _tls_layers: tuple[Any, Any] = (None, None)  # asyncio's SSLProtocol and the TCP transport under it
     _releaser: asyncio.Task[None] | None = None
+    _head: bytes | None = None  # an HTTP/1.1 response head waiting for its body (protocol_send)
 
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
@@ -109,11 +111,21 @@ class _TlsAwareTCPServer(TCPServer):
             # exception in the log for the connection). No timer is needed any more.
             return
         if not isinstance(event, RawData):
+            self._flush_head()
             await super().protocol_send(event)
+            return
+        data = event.data
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif data.startswith(b"HTTP/1.1 ") and len(data) < HEAD_HOLD_LIMIT:
+            # A response head: held until the body's first bytes, written in this same turn of the
+            # loop, so that both leave in one TLS record and one send; else sent on the next turn.
+            self._head = data
+            self.loop.call_soon(self._flush_head)
             return
         async with self.send_lock:  # Hypercorn's own RawData path, with the stall bound
             try:
-                self.writer.write(event.data)
+                self.writer.write(data)
                 await self._drain()
             except (ConnectionError, RuntimeError):
                 await self.protocol.handle(Closed())
@@ -140,6 +152,11 @@ class _TlsAwareTCPServer(TCPServer):
                     left, last_taken = size, now
                 elif now - last_taken > SEND_STALL_SECONDS:
                     raise
+
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and not self.writer.transport.is_closing():
+            self.writer.write(head)
 
     def _buffered(self) -> int:
         """Bytes written and not yet acknowledged by the client: asyncio's buffers and the kernel's

@@ -20,6 +20,7 @@ one WARN line when it fails) by spiced.tracker; a client that leaves before the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
@@ -33,6 +34,8 @@ from ..batches import coalesce
 from ..engine import Params
 from ..errors import QueryError
 from ..identity import ClientIdentity
+from ..interrupt import Stopper
+from ..quick import attempt_inline
 from ..results_cache import CacheRequest, CacheRequestError, parse_request, principal_of, response_headers
 from ..state import RuntimeState
 from ..tracker import QueryTracker, disconnected
@@ -76,10 +79,12 @@ class QueryRun:
         self._encoder: Encoder | None = None
         self.done = False
 
-    def start(self) -> Chunks:
-        """Plan, execute and encode the first batch (QueryError on failure)."""
+    def start(self, stopper: Stopper | None = None) -> Chunks:
+        """Plan, execute and encode the first batch (QueryError on failure); `stopper` stands for
+        the query's own (spiced.quick.attempt_inline)."""
+        self.rows, self.done = 0, False
         stream = self.state.engine.execute(self.sql, self.state.config.query_timeout, self.params,
-                                           self.tracker.stopper, self.cache)
+                                           stopper or self.tracker.stopper, self.cache)
         if self.cache is not None:
             self.cache_headers = response_headers(stream.cache_status, self.cache)
         self.tracker.executing()
@@ -94,10 +99,29 @@ class QueryRun:
 
     async def first_chunks(self) -> Chunks:
         """What goes out with the header: the first batch, or every batch for a collected format
-        (one worker-thread hop per batch, so a client that leaves is noticed between them)."""
-        chunks = [*await self.off_loop(self.start)]
+        (one worker-thread hop per batch, so a client that leaves is noticed between them). A query
+        known to be quick starts on the event loop, within a time limit (spiced.quick)."""
+        quick = self.state.engine.quick
+        key = quick.key(self.sql, self.state.engine.catalog_version)
+        started = time.perf_counter()
+        first = None
+        if quick.is_quick(key):
+            first = attempt_inline(self.start, self.tracker.stopper, quick.slow)
+            quick.record(key, time.perf_counter() - started, inline=True)
+            if first is None:
+                log.debug("Query %s took over %gs on the event loop; started again in a worker thread",
+                          self.tracker.query.id, quick.slow)
+        if first is None:
+            first = await self.off_loop(lambda: self._timed_start(key))
+        chunks = [*first]
         while not self.done and self.media_type in COLLECTED:
             chunks += await self.off_loop(self.step)
+        return chunks
+
+    def _timed_start(self, key: tuple[int, str]) -> Chunks:
+        started = time.perf_counter()
+        chunks = self.start()
+        self.state.engine.quick.record(key, time.perf_counter() - started, inline=False)
         return chunks
 
     def step(self) -> Chunks:
