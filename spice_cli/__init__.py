@@ -1,4 +1,5 @@
-"""The `spice` command line: `run`, `sql`, `status`, `datasets`, `refresh`, `version`, `init` and the dev PKI `tls`.
+"""The `spice` command line: `run`, `sql`, `status`, `datasets`, `refresh`, `version`, `init`, the dev PKI `tls`
+and the cluster's dev PKI `cluster tls`.
 
     CliError        one line on stderr, exit 1 (raised anywhere, printed once by `app.main`)
 """

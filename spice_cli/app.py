@@ -25,6 +25,11 @@ app = typer.Typer(name="spice", help="Spice.ai CLI: run the runtime, query it ov
 tls_app = typer.Typer(help="A development PKI: a CA plus server and client certificates (ECDSA P-256).",
                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tls_app, name="tls")
+cluster_app = typer.Typer(help="Cluster operations for Spice runtime", no_args_is_help=True, rich_markup_mode=None)
+cluster_tls_app = typer.Typer(help="TLS certificate operations for clustered mode", no_args_is_help=True,
+                              rich_markup_mode=None)
+cluster_app.add_typer(cluster_tls_app, name="tls")
+app.add_typer(cluster_app, name="cluster")
 
 
 @contextmanager
@@ -219,6 +224,63 @@ def tls_add(name: Annotated[str, typer.Argument(help="File name stem: NAME.crt a
                          days=pki.LEAF_DAYS if days is None else days, force=force)
     kind = "client" if client else "server"
     typer.echo(f"Issued {kind} certificate {issued.cert} and key {issued.key}")
+
+
+def _confirm_overwrite(what: str) -> bool:
+    typer.echo(f"{what} already exists. Overwrite (y/n)? ", nl=False)
+    return sys.stdin.readline().strip().lower() == "y"
+
+
+@cluster_tls_app.command("init")
+def cluster_tls_init() -> None:
+    """Initialize a test PKI infrastructure for clustered mode: ~/.spice/pki/ca.crt and ca.key (ECDSA P-256,
+    valid 10 years). For development and testing only."""
+    from spice_cli import cluster_pki
+
+    with _one_line_errors():
+        created = cluster_pki.init(_confirm_overwrite)
+    if created is None:
+        typer.echo("Aborted.")
+        return
+    typer.echo()
+    typer.secho("Test PKI infrastructure initialized successfully!", fg="green")
+    typer.echo()
+    typer.echo(f"CA Certificate: {created.issued.cert}")
+    typer.echo(f"CA Private Key: {created.issued.key}")
+    typer.echo(f"Validity:       {cluster_pki.CA_VALIDITY_YEARS} years (until {created.not_after})")
+    typer.echo(f"OU:             {created.ou}")
+    typer.echo()
+    typer.secho("WARNING: This CA is for development and testing only.", fg="yellow")
+    typer.secho("         DO NOT use these certificates in production!", fg="yellow")
+    typer.echo()
+    typer.echo("Next steps:")
+    typer.echo(f"  Run {typer.style('spice cluster tls add <client-name>', fg='cyan')} to create a certificate "
+               "for a cluster member.")
+
+
+@cluster_tls_app.command("add")
+def cluster_tls_add(client_name: Annotated[str, typer.Argument(metavar="CLIENT_NAME",
+                                                                help="Name of the client/node")],
+                    host: Annotated[str | None, typer.Option(
+                        "--host", help="Additional host to include in Subject Alternative Names")] = None) -> None:
+    """Create a new node certificate signed by the CA: ~/.spice/pki/<name>.crt and .key (ECDSA P-256, valid
+    1 year, clientAuth and serverAuth, SANs localhost, 127.0.0.1 and --host)."""
+    from spice_cli import cluster_pki
+
+    with _one_line_errors():
+        created = cluster_pki.add(client_name, host, _confirm_overwrite)
+    if created is None:
+        typer.echo("Aborted.")
+        return
+    typer.echo()
+    typer.secho(f"Certificate for '{client_name}' created successfully!", fg="green")
+    typer.echo()
+    typer.echo(f"Certificate: {created.issued.cert}")
+    typer.echo(f"Private Key: {created.issued.key}")
+    typer.echo(f"Validity:    {cluster_pki.CLIENT_VALIDITY_YEARS} year (until {created.not_after})")
+    typer.echo(f"CN:          {client_name}")
+    typer.echo(f"DNS SANs:    {', '.join(created.dns)}")
+    typer.echo(f"IP SANs:     {', '.join(created.ips)}")
 
 
 def main() -> int:

@@ -4,6 +4,8 @@
     spice tls add NAME [--host H ...] [--client] [--days N]      DIR/NAME.crt, DIR/NAME.key
 
 Keys are written readable by their owner only (0600). Nothing is overwritten without `--force`.
+The builders (`new_ca`, `new_leaf`, `write_issued`, `load_ca`) also make `spice cluster tls`'s PKI
+(spice_cli/cluster_pki.py).
 """
 
 from __future__ import annotations
@@ -70,14 +72,9 @@ def _days(days: int) -> int:
     return days
 
 
-def init_ca(directory: Path, *, days: int = CA_DAYS, force: bool = False) -> Issued:
-    """Create a self-signed CA in `directory` (ca.crt, ca.key)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    issued = Issued(directory / f"{CA_NAME}.crt", directory / f"{CA_NAME}.key")
-    _refuse_overwrite([issued.cert, issued.key], force)
+def new_ca(subject: x509.Name, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed ECDSA P-256 CA that signs leaves only (path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Spice dev CA"),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spice tls")])
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -86,23 +83,47 @@ def init_ca(directory: Path, *, days: int = CA_DAYS, force: bool = False) -> Iss
             .add_extension(_usage(signing=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def write_issued(issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *,
+                 private_cert: bool = False) -> None:
+    """The key (0600 from creation), then the certificate (0600 too with `private_cert`)."""
     _write_key(issued.key, key)
     _write_cert(issued.cert, cert)
+    if private_cert:
+        os.chmod(issued.cert, 0o600)
+
+
+def init_ca(directory: Path, *, days: int = CA_DAYS, force: bool = False) -> Issued:
+    """Create a self-signed CA in `directory` (ca.crt, ca.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    issued = Issued(directory / f"{CA_NAME}.crt", directory / f"{CA_NAME}.key")
+    _refuse_overwrite([issued.cert, issued.key], force)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Spice dev CA"),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "spice tls")])
+    cert, key = new_ca(subject, days)
+    write_issued(issued, cert, key)
     return issued
+
+
+def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An ECDSA CA's certificate and key (CliError naming the file when it cannot be used)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise CliError(f"cannot load the CA from {cert_path.parent}: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CliError(f"{key_path} is not an ECDSA key")
+    return cert, key
 
 
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = directory / f"{CA_NAME}.crt", directory / f"{CA_NAME}.key"
     if not cert_path.exists() or not key_path.exists():
         raise CliError(f"no CA in {directory}: run `spice tls init --dir {directory}` first")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise CliError(f"cannot load the CA from {directory}: {e}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CliError(f"{key_path} is not an ECDSA key")
-    return cert, key
+    return load_ca(cert_path, key_path)
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -113,6 +134,31 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
         except ValueError:
             names.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(names)
+
+
+def new_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, name: str, *, hosts: Sequence[str],
+             usages: Sequence[x509.ObjectIdentifier], days: int, key_encipherment: bool = False,
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An ECDSA P-256 leaf for CN=`name` signed by the CA, with `usages` as its EKUs and `hosts` as SANs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    key_usage = x509.KeyUsage(digital_signature=True, key_encipherment=key_encipherment, key_cert_sign=False,
+                              crl_sign=False, content_commitment=False, data_encipherment=False,
+                              key_agreement=False, encipher_only=False, decipher_only=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=_days(days)))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(key_usage, critical=True)
+               .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
 
 
 def add(directory: Path, name: str, *, hosts: Sequence[str] = (), client: bool = False, days: int = LEAF_DAYS,
@@ -127,22 +173,7 @@ def add(directory: Path, name: str, *, hosts: Sequence[str] = (), client: bool =
     if not hosts:
         # Client leaves carry their name as a SAN too: strict verifiers (RFC 5280 profiles) require one.
         hosts = ([name] if _HOSTNAME.fullmatch(name) else []) if client else list(DEFAULT_HOSTS)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=_days(days)))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(_usage(signing=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
-    if hosts:
-        builder = builder.add_extension(_san(hosts), critical=False)
-    _write_key(issued.key, key)
-    _write_cert(issued.cert, builder.sign(ca_key, hashes.SHA256()))
+    cert, key = new_leaf(ca_cert, ca_key, name, hosts=hosts, usages=[usage], days=days)
+    write_issued(issued, cert, key)
     return issued

@@ -127,16 +127,24 @@ def status_table(s: HttpSettings) -> str:
     entries = get_json(s, "/v1/status")
     table = plain_table(["name", "endpoint", "status"],
                         [[_text(e.get(k)) for k in ("name", "endpoint", "status")] for e in entries])
-    tls = next((e["tls"] for e in entries if isinstance(e, dict) and isinstance(e.get("tls"), dict)), None)
-    return table if tls is None else table.rstrip("\n") + "\n\n" + certificates_table(tls)
+    scopes: dict[str, dict[str, Any]] = {}  # public listeners share one; a scheduler's node port has its own
+    for e in entries:
+        if isinstance(e, dict) and isinstance(e.get("tls"), dict):
+            scopes.setdefault(str(e["tls"].get("scope", "public")), e["tls"])
+    if not scopes:
+        return table
+    return "\n\n".join([table, *(certificates_table(tls) for tls in scopes.values())])
 
 
 CERTIFICATE_COLUMNS = ("kind", "subject", "issuer", "serial", "not_after", "sha256", "source")
+_KINDS = {"public": ("server", "client CA"), "cluster": ("node", "cluster CA")}
 
 
 def certificates_table(tls: dict[str, Any]) -> str:
-    """The certificate every TLS listener serves and the client CAs it trusts (spiced's `tls` field)."""
-    rows = [("server", tls.get("certificate"))] + [("client CA", ca) for ca in tls.get("client_ca") or []]
+    """The certificate every TLS listener serves and the client CAs it trusts (spiced's `tls` field);
+    for a scheduler's node port (scope `cluster`), its node certificate and the cluster CA."""
+    served, trusted = _KINDS.get(str(tls.get("scope", "public")), _KINDS["public"])
+    rows = [(served, tls.get("certificate"))] + [(trusted, ca) for ca in tls.get("client_ca") or []]
     return plain_table(list(CERTIFICATE_COLUMNS), [
         [kind, *(_text(c.get(k)) for k in ("subject", "issuer", "serial", "not_after")),
          _text(c.get("sha256_fingerprint", ""))[:16], _text(c.get("source"))]

@@ -1,4 +1,4 @@
-"""`spiced` entry point: flags → config → runtime.
+"""`spiced` entry point: flags → config → runtime (a cluster executor's own, spiced/cluster/executor.py).
 
 Exit codes, as upstream: 2 for a usage error (argparse), 1 when the configuration, the TLS
 material or a bind is refused, 0 once a started runtime has shut down.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import logs
-from .config import load_config, parse_args
+from .config import cluster_role, load_config, load_executor_config, parse_args, standalone_cluster_warnings
 from .errors import ConfigError
 
 
@@ -23,11 +23,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.open_telemetry is not None:
         logging.getLogger("spiced").warning(
             "`--open_telemetry` is deprecated and has no effect; it will be removed in a future version")
+    for warning in standalone_cluster_warnings(args):
+        logging.getLogger("spiced").warning("%s", warning)
     try:
-        config = load_config(args)
-        from .runtime import Runtime
+        if cluster_role(args) == "executor":
+            from .cluster.executor import ExecutorRuntime
 
-        code = Runtime(config, args).run()
+            code = ExecutorRuntime(load_executor_config(args)).run()
+        else:
+            config = load_config(args)
+            from .runtime import Runtime
+
+            code = Runtime(config, args).run()
     except ConfigError as e:
         print(f"Spice Runtime error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -3,6 +3,10 @@ YAML or the environment.
 
 Precedence (upstream): CLI file > CLI inline > spicepod file > spicepod inline, resolved separately
 for the certificate, the key and the client CA; CLI flags override the spicepod.
+
+Cluster mode (`--role`, `--scheduler-address` and the `--node-*` flags) is parsed into
+`ClusterSettings`, with upstream's validation and texts. A scheduler's config is a `RuntimeConfig`;
+an executor has no spicepod of its own (it receives the scheduler's) and gets an `ExecutorConfig`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from . import __version__
 from .acceleration import Acceleration, AccelerationError, acceleration
@@ -36,6 +41,7 @@ from .spicepod import (
 )
 
 ClientAuthMode = Literal["none", "request", "required"]
+ClusterRole = Literal["scheduler", "executor"]
 MaterialOrigin = Literal["cli_file", "cli_inline", "spicepod_file", "spicepod_inline"]
 
 
@@ -110,6 +116,50 @@ class Spicepod:
     warnings: tuple[str, ...] = ()  # one per upstream key set that nothing here acts on; logged at startup
 
 
+DEFAULT_NODE_PORT = 50052
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMtls:
+    """The node's mTLS material, always file-backed (hot-reloaded together)."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    role: ClusterRole
+    bind_addr: tuple[str, int]
+    advertise_host: str
+    mtls: ClusterMtls | None  # None: plaintext, allowed by --allow-insecure-connections
+    scheduler: tuple[str, int] | None = None  # an executor's scheduler (host, port)
+    warnings: tuple[str, ...] = ()  # upstream's WARN texts for flags adjusted or without effect
+
+    @property
+    def scheme(self) -> Literal["tls", "tcp"]:
+        """The Dask transport: mTLS, or plaintext TCP."""
+        return "tcp" if self.mtls is None else "tls"
+
+    @property
+    def scheduler_address(self) -> str:
+        assert self.scheduler is not None
+        host, port = self.scheduler
+        return f"{self.scheme}://{_url_host(host)}:{port}"
+
+    @property
+    def scheduler_url(self) -> str:
+        """As upstream names the scheduler in its log lines (`https://host:50052`)."""
+        assert self.scheduler is not None
+        host, port = self.scheduler
+        return f"{'http' if self.mtls is None else 'https'}://{_url_host(host)}:{port}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     spicepod: Spicepod
@@ -124,6 +174,18 @@ class RuntimeConfig:
     results_cache: CacheSettings = field(default_factory=CacheSettings)
     verbosity: int = 0
     workdir: Path = field(default_factory=Path.cwd)
+    cluster: ClusterSettings | None = None  # a scheduler's node settings
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """A cluster executor: its listeners and node settings; the spicepod comes from the scheduler."""
+
+    cluster: ClusterSettings
+    http_addr: tuple[str, int] = ("127.0.0.1", 8090)
+    metrics_addr: tuple[str, int] | None = None
+    tls: TlsSettings | None = None  # the HTTP health listener's, from the --tls-* flags
+    warnings: tuple[str, ...] = ()  # flags that have no effect on an executor
 
 
 # ---------------------------------------------------------------- flags
@@ -166,6 +228,12 @@ def _client_auth_mode(text: str) -> ClientAuthMode:
     raise argparse.ArgumentTypeError(f"invalid value {_shown(text)}: expected none, request or required")
 
 
+def _role(text: str) -> ClusterRole:
+    if text in ("scheduler", "executor"):
+        return text  # type: ignore[return-value]
+    raise argparse.ArgumentTypeError(f"invalid value {_shown(text)}: expected scheduler or executor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spiced", description="Spice.ai runtime (Python).")
     p.add_argument("path", nargs="?", help="Spicepod directory or YAML file (default: the working directory)")
@@ -194,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("Metrics")
     m.add_argument("--metrics", type=_bind_address, metavar="BIND_ADDRESS",
                    help="Enable Prometheus metrics. (disabled by default)")
+    c = p.add_argument_group("Cluster")
+    c.add_argument("--role", type=_role, metavar="<scheduler|executor>",
+                   help="Explicit cluster role. If omitted but --scheduler-address is set, the role is executor.")
+    c.add_argument("--scheduler-address", metavar="URL",
+                   help="URL of the scheduler's node port (https://host:50052); implies --role executor")
+    c.add_argument("--node-bind-address", type=_bind_address, metavar="BIND_ADDRESS",
+                   help="Bind address for the internal cluster service (0.0.0.0:50052)")
+    c.add_argument("--node-advertise-address", metavar="HOST_OR_IP",
+                   help="Hostname or IP this node advertises to the rest of the cluster")
+    c.add_argument("--node-mtls-ca-certificate-file", metavar="PATH",
+                   help="CA certificate used to validate peer node identities")
+    c.add_argument("--node-mtls-certificate-file", metavar="PATH",
+                   help="Certificate for both server TLS and client mTLS on the node port")
+    c.add_argument("--node-mtls-key-file", metavar="PATH", help="Private key file for the node certificate")
+    c.add_argument("--allow-insecure-connections", action="store_true",
+                   help="Allow cluster communication without mTLS (development and testing only)")
     return p
 
 
@@ -406,22 +490,117 @@ def _apply_set_runtime(raw: dict[str, object], items: Sequence[str]) -> None:
         node[parts[-1]] = value
 
 
+# ---------------------------------------------------------------- cluster flags
+
+_MTLS_FLAGS = "--node-mtls-ca-certificate-file, --node-mtls-certificate-file, --node-mtls-key-file"
+_NODE_FLAGS = {"node_bind_address": "--node-bind-address", "node_advertise_address": "--node-advertise-address",
+               "node_mtls_ca_certificate_file": "--node-mtls-ca-certificate-file",
+               "node_mtls_certificate_file": "--node-mtls-certificate-file",
+               "node_mtls_key_file": "--node-mtls-key-file",
+               "allow_insecure_connections": "--allow-insecure-connections"}
+
+
+def _cluster_error(detail: str) -> ConfigError:
+    return ConfigError(f"Invalid cluster configuration: {detail}")
+
+
+def cluster_role(args: argparse.Namespace) -> ClusterRole | None:
+    """Upstream's effective role: explicit, or executor when only --scheduler-address is given."""
+    role: ClusterRole | None = args.role
+    return role or ("executor" if args.scheduler_address else None)
+
+
+def _mtls(args: argparse.Namespace) -> ClusterMtls | None:
+    files = (args.node_mtls_ca_certificate_file, args.node_mtls_certificate_file, args.node_mtls_key_file)
+    if all(files):
+        return ClusterMtls(*(Path(f) for f in files))
+    if any(files):
+        raise _cluster_error(f"Cluster mTLS requires all of: {_MTLS_FLAGS}")
+    return None
+
+
+def _advertise_host(text: str, bind_port: int, warnings: list[str]) -> str:
+    """A host; a port given with it is dropped with upstream's WARN (the bind port is advertised)."""
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    if sep and host and port.isdigit() and int(port) <= 65535:
+        warnings.append(f"Port in --node-advertise-address will be ignored. Using port {bind_port} "
+                        "from --node-bind-address.")
+        return host.strip("[]")
+    return text
+
+
+def _scheduler(text: str, mtls: bool) -> tuple[str, int]:
+    """`--scheduler-address`: a URL whose scheme, when omitted, follows the transport; port 50052 by default."""
+    scheme = "https" if mtls else "http"
+    try:
+        parts = urlsplit(text if "://" in text else f"{scheme}://{text}")
+        port = parts.port
+    except ValueError:  # urllib's port and IPv6 errors; upstream's url crate says this for both
+        raise _cluster_error("Invalid --scheduler-address URL: invalid port number") from None
+    if not parts.hostname:
+        raise _cluster_error("Invalid --scheduler-address URL: empty host")
+    if parts.scheme != scheme:
+        transport = "cluster mTLS" if mtls else "plaintext (--allow-insecure-connections)"
+        raise _cluster_error(f"Invalid --scheduler-address URL: {parts.scheme}:// does not match the node transport, "
+                             f"{transport}; use {scheme}:// or leave the scheme out")
+    return parts.hostname, DEFAULT_NODE_PORT if port is None else port
+
+
+def cluster_settings(args: argparse.Namespace) -> ClusterSettings | None:
+    """The node settings of a scheduler or executor, None for a standalone runtime (ConfigError when invalid).
+
+    Checked in upstream's order: an incomplete mTLS triple, then every flag a cluster role still needs,
+    named together in one line."""
+    mtls = _mtls(args)
+    role = cluster_role(args)
+    if role is None:
+        return None
+    missing = []
+    if mtls is None and not args.allow_insecure_connections:
+        missing.append(f"{_MTLS_FLAGS} (or --allow-insecure-connections)")
+    if not args.node_advertise_address:
+        missing.append("--node-advertise-address")
+    if role == "executor" and not args.scheduler_address:
+        missing.append("--scheduler-address")
+    if missing:
+        raise _cluster_error(f"Cluster mode requires the following flags: {', '.join(missing)}")
+    bind: tuple[str, int] = args.node_bind_address or ("0.0.0.0", DEFAULT_NODE_PORT)
+    warnings: list[str] = []
+    advertise = _advertise_host(args.node_advertise_address, bind[1], warnings)
+    scheduler = None
+    if role == "executor":
+        scheduler = _scheduler(args.scheduler_address, mtls is not None)
+    elif args.scheduler_address:
+        warnings.append("--scheduler-address has no effect on a scheduler: it listens on --node-bind-address")
+    return ClusterSettings(role, bind, advertise, mtls, scheduler, tuple(warnings))
+
+
+def standalone_cluster_warnings(args: argparse.Namespace) -> tuple[str, ...]:
+    """Node flags given to a standalone runtime, which has no node port."""
+    given = [flag for attr, flag in _NODE_FLAGS.items() if getattr(args, attr)]
+    if cluster_role(args) is not None or not given:
+        return ()
+    return (f"{', '.join(given)}: no effect without --role or --scheduler-address (standalone runtime)",)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse spiced's flags; usage errors exit 2 (argparse), as upstream's clap does."""
     return build_parser().parse_args(argv)
 
 
-def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workdir: Path | None = None,
-                environ: Mapping[str, str] | None = None) -> RuntimeConfig:
-    """Build the runtime config from flags, the spicepod and secrets (ConfigError when it cannot run)."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    workdir = workdir or Path.cwd()
-    file = find_spicepod(Path(args.path) if args.path else workdir)
-    raw = read_spicepod(file)
-    _apply_set_runtime(raw, args.set_runtime)
-    spec = validate_spicepod(file, raw)
-    secrets = SecretResolver([SecretStoreSpec(s.name, s.from_.split(":")[0], {k: str(v) for k, v in s.params.items()})
-                              for s in spec.secrets], workdir, environ)
+def secret_stores(spec: SpicepodSpec) -> list[SecretStoreSpec]:
+    """The spicepod's `secrets:` declarations."""
+    return [SecretStoreSpec(s.name, s.from_.split(":")[0], {k: str(v) for k, v in s.params.items()})
+            for s in spec.secrets]
+
+
+def build_spicepod(file: Path, raw: dict[str, object], spec: SpicepodSpec, workdir: Path,
+                   secrets: SecretResolver) -> Spicepod:
+    """The typed spicepod: datasets checked against their connectors, secrets resolved, views read."""
     datasets = tuple(_dataset(i, d, file, workdir, secrets) for i, d in enumerate(spec.datasets))
     views: list[View] = []
     for i, v in enumerate(spec.views):
@@ -439,12 +618,28 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
             raise ConfigError(f"Failed to start Spice runtime: Unable to load spicepod {file}: "
                               f"views[{i}].name: view '{v.name}' collides with a dataset")
         views.append(View(v.name, sql))
+    ignored = tuple(f"Spicepod key {path} is not supported by this runtime and is ignored."
+                    for path in unmodelled_keys(spec))
+    return Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw, ignored)
+
+
+def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workdir: Path | None = None,
+                environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Build a standalone runtime's or a scheduler's config from flags, the spicepod and secrets
+    (ConfigError when it cannot run). Executors take `load_executor_config`."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    cluster = cluster_settings(args)
+    assert cluster is None or cluster.role == "scheduler", "an executor's config is load_executor_config's"
+    workdir = workdir or Path.cwd()
+    file = find_spicepod(Path(args.path) if args.path else workdir)
+    raw = read_spicepod(file)
+    _apply_set_runtime(raw, args.set_runtime)
+    spec = validate_spicepod(file, raw)
+    secrets = SecretResolver(secret_stores(spec), workdir, environ)
+    pod = build_spicepod(file, raw, spec, workdir, secrets)
     timeout = None
     if spec.runtime.query and spec.runtime.query.timeout:
         timeout = parse_duration(spec.runtime.query.timeout, "runtime.query.timeout", file)
-    ignored = tuple(f"Spicepod key {path} is not supported by this runtime and is ignored."
-                    for path in unmodelled_keys(spec))
-    pod = Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw, ignored)
     cache = results_cache_settings(spec.runtime, file)
     return RuntimeConfig(
         spicepod=pod,
@@ -459,4 +654,27 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
         results_cache=cache,
         verbosity=2 if args.very_verbose else args.verbose,
         workdir=workdir,
+        cluster=cluster,
+    )
+
+
+# Flags that configure what an executor does not run: the spicepod and its SQL serving.
+_NOT_ON_EXECUTORS = {"path": "a spicepod path", "flight": "--flight", "pods_watcher_enabled": "--pods-watcher-enabled",
+                     "access_log": "--access-log", "set_runtime": "--set-runtime"}
+
+
+def load_executor_config(args: argparse.Namespace, *, workdir: Path | None = None,
+                         environ: Mapping[str, str] | None = None) -> ExecutorConfig:
+    """An executor's config: node settings and its HTTP health listener; no spicepod is read."""
+    cluster = cluster_settings(args)
+    assert cluster is not None and cluster.role == "executor", "a scheduler's config is load_config's"
+    given = [flag for attr, flag in _NOT_ON_EXECUTORS.items() if getattr(args, attr)]
+    warnings = (f"{', '.join(given)}: no effect on a cluster executor, which serves no SQL and takes the "
+                "scheduler's spicepod",) if given else ()
+    return ExecutorConfig(
+        cluster=cluster,
+        http_addr=args.http or ("127.0.0.1", 8090),
+        metrics_addr=args.metrics,
+        tls=tls_settings(args, None, SecretResolver([], workdir or Path.cwd(), environ)),
+        warnings=warnings,
     )

@@ -4,6 +4,11 @@ Order, as upstream: config is already valid → TLS material → bind every sock
 datasets in the background, so bad TLS material or a taken port ends the process before anything
 is served. SIGINT/SIGTERM drain (bounded) and exit 0; a second one forces exit. SIGHUP reloads
 file-backed TLS material.
+
+With `--role scheduler` the cluster's node material is loaded with the public TLS material and the
+Dask scheduler (spiced/cluster/scheduler.py) starts before any other listener serves, so a bad node
+certificate or a taken node port also ends the process first. Executors run
+spiced/cluster/executor.py instead.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import ApiKeys
 from .config import RuntimeConfig
@@ -30,6 +35,9 @@ from .errors import ConfigError
 from .listeners import bind_tcp, display_address
 from .metrics import Metrics
 from .state import RuntimeState
+
+if TYPE_CHECKING:
+    from .tls.cluster import ClusterTls
 
 log = logging.getLogger("runtime")
 spiced_log = logging.getLogger("spiced")
@@ -48,6 +56,7 @@ class Runtime:
         self._flight: Any = None
         self._front: Any = None
         self._private_dir: Path | None = None
+        self._cluster_tls: ClusterTls | None = None
 
     # ------------------------------------------------------------------ entry
 
@@ -63,6 +72,10 @@ class Runtime:
             from .tls.manager import TlsManager
 
             tls = TlsManager.create(self.config.tls, self.metrics)  # raises TlsConfigError → exit 1
+        if self.config.cluster is not None and self.config.cluster.mtls is not None:
+            from .tls.cluster import ClusterTls
+
+            self._cluster_tls = ClusterTls.create(self.config.cluster.mtls, self.metrics)  # ConfigError → exit 1
         self._bind_all()
         engine = Engine(self.config.spicepod, self.metrics, self.config.results_cache)
         self.state = RuntimeState(self.config, engine, self.metrics, ApiKeys(self.config.api_keys), tls)
@@ -95,6 +108,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         state, tls = self.state, self.state.tls
+        if self.config.cluster is not None:
+            await self._start_scheduler()
         for warning in self.config.spicepod.warnings:
             log.warning("%s", warning)
         state.engine.datasets.register_all()
@@ -121,6 +136,8 @@ class Runtime:
             if self.config.tls.reloadable:
                 notifications = self.config.tls.watch == "notify"
                 self._tasks.append(asyncio.create_task(tls.watch(self._stop, notifications=notifications)))
+        if self._cluster_tls is not None:
+            self._tasks.append(asyncio.create_task(self._cluster_tls.watch(self._stop)))
         if state.api_keys.enabled and state.client_auth_mode == "required":
             log.info("mTLS-as-channel mode active: client cert AND `runtime.auth` credentials are both required")
 
@@ -135,6 +152,17 @@ class Runtime:
         self.state.engine.close()
         log.info("Goodbye!")
         return 0
+
+    async def _start_scheduler(self) -> None:
+        from .cluster.scheduler import start_scheduler
+
+        settings = self.config.cluster
+        assert settings is not None
+        for warning in settings.warnings:
+            log.warning("%s", warning)
+        engine = self.state.engine
+        self.state.cluster = await start_scheduler(settings, self._cluster_tls, lambda: engine.spicepod,
+                                                   self.config.workdir)
 
     def _listening(self, name: str, address: str, logger: str, label: str) -> None:
         endpoint = self.state.endpoints[name]
@@ -197,10 +225,14 @@ class Runtime:
 
     def _on_sighup(self) -> None:
         tls = self.state.tls
-        if tls is None or self.config.tls is None or not self.config.tls.reloadable:
+        public = tls is not None and self.config.tls is not None and self.config.tls.reloadable
+        if not public and self._cluster_tls is None:
             return
         spiced_log.info("TLS reload: SIGHUP received, reloading TLS material")
-        tls.reload_all("sighup")
+        if public and tls is not None:
+            tls.reload_all("sighup")
+        if self._cluster_tls is not None:
+            self._cluster_tls.reload_all()
 
     async def _drain(self) -> None:
         """Stop accepting everywhere, let in-flight requests and streams finish within DRAIN_SECONDS."""
@@ -214,6 +246,8 @@ class Runtime:
         for t in pending:
             with suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.state.cluster is not None:
+            await self.state.cluster.close(timeout=5.0)
 
     async def _stop_flight(self) -> None:
         deadline = time.monotonic() + DRAIN_SECONDS

@@ -12,6 +12,7 @@ from .metrics import Metrics
 from .queries import ActiveQueries
 
 if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
     from .tls.manager import TlsManager
 
 ListenerStatus = Literal["Initializing", "Ready", "Disabled", "Error"]
@@ -32,6 +33,7 @@ class RuntimeState:
     api_keys: ApiKeys
     tls: TlsManager | None = None
     queries: ActiveQueries = field(default_factory=ActiveQueries)  # synchronous queries running now
+    cluster: ClusterNode | None = None  # a scheduler's cluster (--role scheduler)
     endpoints: dict[str, Endpoint] = field(default_factory=lambda: {
         n: Endpoint(n) for n in ("http", "flight", "metrics")  # type: ignore[arg-type]
     })

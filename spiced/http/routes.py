@@ -286,19 +286,26 @@ async def status(request: Request) -> Response:
     state = runtime(request)
     items: list[dict[str, Any]] = [{"name": e.name, "endpoint": e.address or "N/A", "status": e.status}
                                    for e in state.endpoints.values()]
-    if csv_format:
-        return csv_response(["name", "endpoint", "status"], items)
-    if state.tls is not None:  # ours, beyond upstream: what each TLS listener serves and trusts
+    if state.tls is not None and not csv_format:  # ours, beyond upstream: what each TLS listener serves and trusts
         tls = tls_status(state.tls.certificates())
         for item in items:
             if item["endpoint"] != "N/A":
                 item["tls"] = tls
+    cluster = state.cluster
+    if cluster is not None:  # a scheduler's node port, then each executor it sees
+        node: dict[str, Any] = {"name": "cluster", "endpoint": cluster.endpoint, "status": "Ready"}
+        if cluster.tls is not None and not csv_format:
+            node["tls"] = tls_status(cluster.certificates(), "cluster")
+        items.append(node)
+        items.extend({"name": "executor", "endpoint": e.endpoint, "status": e.status} for e in cluster.executors())
+    if csv_format:
+        return csv_response(["name", "endpoint", "status"], items)
     return json_response(items)
 
 
-def tls_status(certificates: Sequence[CertificateFacts]) -> dict[str, Any]:
+def tls_status(certificates: Sequence[CertificateFacts], scope: str = "public") -> dict[str, Any]:
     served = [c.as_json() for c in certificates if c.kind == "server"]
-    return {"scope": "public", "certificate": served[0] if served else None,
+    return {"scope": scope, "certificate": served[0] if served else None,
             "client_ca": [c.as_json() for c in certificates if c.kind == "client_ca"]}
 
 

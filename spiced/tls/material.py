@@ -243,10 +243,14 @@ def subject_line(cert: x509.Certificate) -> str | None:
     None when the subject cannot be read or holds none of those six types.
     """
     try:
-        attributes = list(cert.subject)
+        return name_line(cert.subject)
     except ValueError:
         return None
-    parts = [f"{short}={a.value!s}" for oid, short in _SUBJECT_ORDER for a in attributes if a.oid == oid]
+
+
+def name_line(name: x509.Name) -> str | None:
+    """A distinguished name as `subject_line` renders it (also the issuer, for the cluster CA check)."""
+    parts = [f"{short}={a.value!s}" for oid, short in _SUBJECT_ORDER for a in name if a.oid == oid]
     return ", ".join(parts) or None
 
 
