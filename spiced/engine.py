@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 from datafusion import DataFrame, SessionConfig, SessionContext
@@ -52,7 +52,11 @@ from .results_cache import (
 )
 from .stream import Deadline, QueryStream, WaitLoop
 
+if TYPE_CHECKING:
+    from .cluster.execution import ClusterExecutor, DistributedQuery
+
 cache_log = logging.getLogger("runtime.init.caching")
+cluster_log = logging.getLogger("runtime.cluster")
 
 T = TypeVar("T")
 Params = Mapping[str, Any]  # placeholder name ("1", "name") → Python value or pyarrow scalar
@@ -83,6 +87,7 @@ class Engine:
                                  on_loaded=self.cache.invalidate if self.cache is not None else None)
         self._loop = WaitLoop()
         self.quick = QuickQueries()
+        self.cluster: ClusterExecutor | None = None  # a scheduler's executors (spiced.cluster.execution)
         self._applied = 0  # spicepod changes applied
         self._use(spicepod)
         if cache is not None:
@@ -204,7 +209,11 @@ class Engine:
 
         def start() -> Iterator[pa.RecordBatch] | RecordBatchStream:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
-            return federated if federated is not None else stopper.call(df.execute_stream)
+            if federated is not None:
+                return federated
+            if self.cluster is not None and (on_cluster := stopper.call(self.cluster.execute, self.ctx, df)):
+                return _distributed(on_cluster, stopper, deadline)
+            return stopper.call(df.execute_stream)
 
         stream = _as_query_error(start)
         return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
@@ -264,6 +273,31 @@ def _as_query_error(start: Callable[[], T]) -> T:
         raise
     except Exception as e:
         raise engine_error(e) from None
+
+
+def _distributed(query: DistributedQuery, stopper: Stopper, deadline: Deadline | None) -> Iterator[pa.RecordBatch]:
+    """A query running on the cluster's executors, fetched through the query's `Stopper.call`: its
+    first batch (every stage done) bounded by the time limit, like a database's; its stages
+    cancelled however the stream ends."""
+    timer = None
+    if deadline is not None:
+        timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), stopper.stop, (deadline.error(),))
+        timer.daemon = True
+        timer.start()
+    try:
+        first = next(query, None)
+        if timer is not None:
+            timer.cancel()
+        stats = query.stats
+        cluster_log.debug("Query ran %d stage(s) as %d task(s) on %d executor(s); %d bytes came back",
+                          stats.stages, stats.tasks, stats.executors, stats.bytes_received)
+        if first is not None:
+            yield first
+            yield from query
+    finally:
+        if timer is not None:
+            timer.cancel()
+        query.close()
 
 
 def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], *args: object) -> T:

@@ -163,6 +163,11 @@ class Runtime:
         engine = self.state.engine
         self.state.cluster = await start_scheduler(settings, self._cluster_tls, lambda: engine.spicepod,
                                                    self.config.workdir)
+        from .cluster.execution import ClusterExecutor
+
+        executor = ClusterExecutor(self.state.cluster.client)
+        await asyncio.to_thread(executor.prepare)  # a synchronous client: off the loop that runs the scheduler
+        engine.cluster = executor
 
     def _listening(self, name: str, address: str, logger: str, label: str) -> None:
         endpoint = self.state.endpoints[name]

@@ -119,7 +119,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with ExitStack() as stack:
         scheduler = stack.enter_context(run_spiced(
             pod, "--role", "scheduler", "--node-bind-address", "127.0.0.1:0", "--node-advertise-address",
-            "127.0.0.1", *mtls(pki, "scheduler1"), env=SCHEDULER_SECRETS, ready=False, timeout=60))
+            "127.0.0.1", *mtls(pki, "scheduler1"), "-v", env=SCHEDULER_SECRETS, ready=False, timeout=60))
         node = captured(scheduler, r"internal cluster server listening on (\S+)")
         runtimes = [start_executor(root / name, "--scheduler-address", f"https://{node}", "--http", "127.0.0.1:0",
                                    "--node-bind-address", "127.0.0.1:0", "--node-advertise-address", "127.0.0.1",
@@ -342,3 +342,16 @@ def test_node_certificate_rotation_under_a_working_client(cluster: Cluster, dask
     assert cluster_reloads(rt).get("parse_error", 0) == parse_errors
     assert node_serial(cluster) == new_serial
     assert dask_client.submit(lambda: "still").result(timeout=30) == "still"
+
+
+def test_a_query_through_the_scheduler_runs_its_scan_on_both_executors(cluster: Cluster) -> None:
+    query = "SELECT city, count(*) AS n, min(id) AS first FROM trips GROUP BY city ORDER BY city"
+    on_both = r"DEBUG runtime::cluster: Query ran \d+ stage\(s\) as \d+ task\(s\) on 2 executor\(s\)"
+
+    def ran_on_both() -> bool:
+        response = httpx.post(cluster.scheduler.http_url + "/v1/sql", content=query,
+                              headers={"cache-control": "no-cache"}, timeout=30)
+        assert response.json() == [{"city": "Portland", "n": 1, "first": 2}, {"city": "Seattle", "n": 1, "first": 1}]
+        return any(re.search(on_both, line) for line in cluster.scheduler.logs())
+
+    wait_for(ran_on_both, timeout=30, interval=0.5)
