@@ -211,13 +211,20 @@ class Engine:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
             if federated is not None:
                 return federated
-            if self.cluster is not None and (on_cluster := stopper.call(self.cluster.execute, self.ctx, df)):
+            if self.cluster is not None and self._local_files_only(df) and (
+                    on_cluster := stopper.call(self.cluster.execute, self.ctx, df)):
                 return _distributed(on_cluster, stopper, deadline)
             return stopper.call(df.execute_stream)
 
         stream = _as_query_error(start)
         return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
                                deadline, stopper)
+
+    def _local_files_only(self, df: DataFrame) -> bool:
+        """Whether every dataset a query reads comes from local files, which the executors read at
+        the same paths (object stores are not configured on executors)."""
+        connectors = {d.name: d.connector for d in self.spicepod.datasets}
+        return all(connectors.get(dataset_name(*ref) or "") == "file" for ref in scanned(df.optimized_logical_plan()))
 
     def _accelerated_names(self, df: DataFrame) -> set[str]:
         """The accelerated datasets a query reads (through views too) when any may read its source instead."""
