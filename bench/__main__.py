@@ -1,6 +1,6 @@
 """`make bench`: the runtime against references measured in the same run. Prints medians and ratios.
 
-`python -m bench [http] [queries] [flight] [sources] [accelerators] [peers]` runs only those sections.
+`python -m bench [http] [queries] [flight] [sources] [accelerators] [peers] [cluster]` runs only those sections.
 
 Sections: HTTP `/v1/sql SELECT 1` under wrk; a GROUP BY over 5M parquet rows via HTTP and Flight next to
 in-process DataFusion; a 1M-row result as JSON over HTTP next to DataFusion's own JSON writer, and as
@@ -10,7 +10,9 @@ data sources (bench/sources.py): PostgreSQL loads and pushed-down counts next to
 in-process, a GROUP BY on Parquet in S3 next to the local file; accelerators (bench/accelerators.py):
 the 5M-row GROUP BY and a point lookup in DuckDB and SQLite next to Arrow, and an append refresh of
 1 % new rows next to a full refresh; peers (bench/peers.py): small queries, a point lookup, the GROUP BY
-and 1M rows as JSON against roapi behind nginx's TLS and roapi in plaintext, with issue #16's goals.
+and 1M rows as JSON against roapi behind nginx's TLS and roapi in plaintext, with issue #16's goals;
+cluster (bench/cluster.py): GROUP BYs over 20M rows in 8 Parquet files in DataFusion alone and on a
+scheduler and 2 executors over mTLS, the cluster's overhead and the bytes sent back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 from datafusion import SessionConfig, SessionContext
 
-from bench import accelerators, peers, sources
+from bench import accelerators, cluster, peers, sources
 from bench.common import Row, big_parquet, median_time, report, split_cores
 from spiced.batches import PLAIN_ARROW_TYPES, plain_schema
 from tests.pki import Pki
@@ -266,7 +268,7 @@ def flight_tls_rows(ours_tls: str, ours_plain: str, ours_pid: int, pki: Pki, par
     ]
 
 
-SECTIONS = ("http", "queries", "flight", "sources", "accelerators", "peers")
+SECTIONS = ("http", "queries", "flight", "sources", "accelerators", "peers", "cluster")
 
 
 def main() -> None:
@@ -296,6 +298,8 @@ def main() -> None:
             report("Data sources", sources.postgres_rows() + sources.s3_rows(parquet))
         if "peers" in chosen:
             peers.run(parquet, ROWS)
+        if "cluster" in chosen:
+            cluster.main()
         if "flight" not in chosen:
             return
         pki = Pki.create(work / "pki")

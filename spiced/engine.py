@@ -34,6 +34,7 @@ from datafusion.record_batch import RecordBatchStream
 
 from .batches import PLAIN_ARROW_TYPES, plain_schema
 from .config import Spicepod
+from .connectors.files import FileOptions, read_by_datafusion
 from .datasets.arrow_store import ArrowStore
 from .datasets.lifecycle import Datasets, format_size
 from .errors import QueryError, engine_error
@@ -211,7 +212,7 @@ class Engine:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
             if federated is not None:
                 return federated
-            if self.cluster is not None and self._local_files_only(df) and (
+            if self.cluster is not None and self._on_executors(df) and (
                     on_cluster := stopper.call(self.cluster.execute, self.ctx, df)):
                 return _distributed(on_cluster, stopper, deadline)
             return stopper.call(df.execute_stream)
@@ -220,11 +221,13 @@ class Engine:
         return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
                                deadline, stopper)
 
-    def _local_files_only(self, df: DataFrame) -> bool:
-        """Whether every dataset a query reads comes from local files, which the executors read at
-        the same paths (object stores are not configured on executors)."""
-        connectors = {d.name: d.connector for d in self.spicepod.datasets}
-        return all(connectors.get(dataset_name(*ref) or "") == "file" for ref in scanned(df.optimized_logical_plan()))
+    def _on_executors(self, df: DataFrame) -> bool:
+        """Whether every dataset a query reads is files DataFusion reads itself, not accelerated: local
+        files (the executors read them at the same paths) or an object store (each executor has it,
+        spiced.cluster.stores). Accelerated data lives on the scheduler; databases are federated."""
+        readable = {d.name for d in self.spicepod.datasets if not d.accelerated
+                    and isinstance(d.options, FileOptions) and read_by_datafusion(d.options)}
+        return all(dataset_name(*ref) in readable for ref in scanned(df.optimized_logical_plan()))
 
     def _accelerated_names(self, df: DataFrame) -> set[str]:
         """The accelerated datasets a query reads (through views too) when any may read its source instead."""

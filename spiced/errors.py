@@ -56,8 +56,9 @@ class MaterialError(SpicedError):
 #   cancelled            POST /v1/sql/{id}/cancel
 #   disconnected         the client went away before the last batch (never raised by the engine)
 #   not_cached           `Cache-Control: only-if-cached` and no cached result (spiced/results_cache.py)
+#   unavailable          cluster mode: the executors running the query died, or none is left (retryable)
 QueryErrorKind = Literal["syntax", "planning", "execution", "unsupported", "resources_exhausted", "internal",
-                         "timeout", "cancelled", "disconnected", "not_cached"]
+                         "timeout", "cancelled", "disconnected", "not_cached", "unavailable"]
 CLIENT_ERROR_KINDS: frozenset[QueryErrorKind] = frozenset({"syntax", "planning", "execution", "unsupported"})
 
 

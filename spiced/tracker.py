@@ -47,6 +47,7 @@ ERR_CODES: dict[QueryErrorKind, str] = {
     "cancelled": "QueryCancelled",
     "disconnected": "Cancelled",
     "not_cached": "NotCached",
+    "unavailable": "ClusterUnavailable",
 }
 DISCONNECTED = "The client went away before the last batch"
 

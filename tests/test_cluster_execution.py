@@ -18,22 +18,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client, get_task_stream
+from datafusion import ExecutionPlan, SessionContext
+from distributed import Client, Worker, get_task_stream
 
-from spiced.cluster.execution import PLUGIN_NAME, ClusterExecutor, DistributedQuery, split_plan
+from spiced.cluster.execution import PLUGIN_NAME, ClusterExecutor, DataFusionExecutor, DistributedQuery, split_plan
 from spiced.config import load_config
 from spiced.engine import Engine
 from spiced.errors import QueryError
+from spiced.interrupt import Stopped, Stopper
 from spiced.metrics import Metrics
 from tests.support import dataset_yaml, spicepod_yaml
 
 DASK = str(Path(sys.executable).with_name("dask"))
 FILES, ROWS_PER_FILE = 6, 10_000
 GROUP_BY = "SELECT grp, count(*) AS n, sum(amount) AS total, avg(amount) AS mean FROM t GROUP BY grp"
+
+# Functions of this module sent to the executors travel whole: they cannot import the tests.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # (SQL, whether its row order is defined)
 QUERIES = [
@@ -180,9 +186,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if cluster is not None:
             cluster.client.close()
-        for proc in procs:
+        stop(procs)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """The executors, then the scheduler: a `dask worker` stopped while its scheduler goes away can
+    hang in its shutdown."""
+    for group in (procs[1:], procs[:1]):
+        for proc in group:
             proc.terminate()
-        for proc in procs:
+        for proc in group:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -218,10 +231,8 @@ def test_shapes_that_are_not_distributed_are_left_to_the_caller(cluster: Cluster
 
 
 def test_stages_are_what_files_feed_below_the_exchanges(engine: Engine) -> None:
-    from datafusion import ExecutionPlan, SessionContext
-
     def stage_roots(sql: str) -> list[str]:
-        split = split_plan(engine.plan(sql).execution_plan())
+        split = split_plan(engine.plan(sql).execution_plan(), engine.ctx)
         assert split is not None
         return [ExecutionPlan.from_bytes(SessionContext(), s.plan).display().split(",")[0] for s in split.stages]
 
@@ -229,7 +240,7 @@ def test_stages_are_what_files_feed_below_the_exchanges(engine: Engine) -> None:
     assert stage_roots("SELECT id FROM t ORDER BY id LIMIT 3") == ["SortExec: TopK(fetch=3)"]
     assert stage_roots("SELECT t.id FROM t JOIN dim ON t.grp = dim.k")[0].startswith("DataSourceExec")
     assert len(stage_roots("SELECT t.id FROM t JOIN dim ON t.grp = dim.k")) == 2
-    split = split_plan(engine.plan("SELECT id FROM t WHERE grp = 3").execution_plan())
+    split = split_plan(engine.plan("SELECT id FROM t WHERE grp = 3").execution_plan(), engine.ctx)
     assert split is not None and split.whole
 
 
@@ -243,12 +254,23 @@ def test_partitions_go_round_robin_to_the_executors(cluster: Cluster, engine: En
     assert sorted(set(ran_on)) == sorted(cluster.client.nthreads())
 
 
-def test_executors_are_warm_once_prepared(cluster: Cluster) -> None:
-    def warm(dask_worker: object) -> bool:
-        plugin = dask_worker.plugins.get(PLUGIN_NAME)  # type: ignore[attr-defined]
-        return plugin is not None and plugin.session is not None
+def test_a_stage_without_rows_anywhere_is_stood_in_for_by_itself_reading_no_file(cluster: Cluster,
+                                                                                  engine: Engine) -> None:
+    sql = "SELECT grp, count(*) AS n FROM t WHERE label = 'nothing' GROUP BY grp"
+    query = cluster.executor.execute(engine.ctx, sql)
+    assert query is not None and not query.split.whole
+    got = collect(query)
+    assert (got.num_rows, query.stats.bytes_received) == (0, 0)
+    assert got.schema == engine.plan(sql).to_arrow_table().schema
 
-    assert set(cluster.client.run(warm).values()) == {True}
+
+def executor_is_warm(dask_worker: Worker) -> bool:
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    return isinstance(plugin, DataFusionExecutor) and plugin.session is not None
+
+
+def test_executors_are_warm_once_prepared(cluster: Cluster) -> None:
+    assert set(cluster.client.run(executor_is_warm).values()) == {True}
 
 
 def test_an_executor_error_is_the_query_error_datafusion_gives_locally(cluster: Cluster, engine: Engine) -> None:
@@ -295,8 +317,7 @@ def stalled_executor(cluster: Cluster, name: str) -> Iterator[tuple[subprocess.P
         cluster.client.wait_for_workers(3, timeout=60)
         address = cluster.address(name)
         deadline = time.monotonic() + 30  # its session is made before it takes tasks
-        while not cluster.client.run(lambda dask_worker: dask_worker.plugins.get(PLUGIN_NAME).session is not None,
-                                     workers=[address])[address]:
+        while not cluster.client.run(executor_is_warm, workers=[address])[address]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGSTOP)
@@ -349,7 +370,7 @@ def test_past_the_allowed_failures_the_query_fails_with_a_query_error(cluster: C
             proc.kill()
             with pytest.raises(QueryError, match="executors died running this query") as failed:
                 collect(query)
-            assert failed.value.kind == "internal"
+            assert failed.value.kind == "unavailable"  # HTTP 503, Flight UNAVAILABLE: a client may retry
     finally:
         cluster.client.run_on_scheduler(allowed_failures, n=before)
     check_serving(cluster, engine)
@@ -364,4 +385,15 @@ def test_closing_a_waiting_query_cancels_it(cluster: Cluster, engine: Engine) ->
             collect(query)
         assert time.monotonic() - t0 < 5
         assert cancelled.value.kind == "cancelled"
+
+        # As the engine cancels a query: an interrupt lands in the wait, the stop hook cancels the stages.
+        query = started_on(cluster, engine, address)
+        stopper = Stopper()
+        stopper.on_stop(query.close)
+        threading.Timer(0.2, stopper.stop, (QueryError("stopped", kind="cancelled"),)).start()
+        t0 = time.monotonic()
+        with pytest.raises(Stopped):
+            stopper.call(next, query)
+        assert time.monotonic() - t0 < 5
+        assert query.futures == []
     check_serving(cluster, engine)

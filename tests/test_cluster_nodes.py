@@ -14,25 +14,28 @@ import os
 import re
 import socket
 import ssl
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from spice_cli import cluster_pki
 from spice_cli.app import app
+from tests.cluster_rig import (
+    Cluster,
+    cluster_reloads,
+    dask_security,
+    make_pki,
+    node_serial,
+    run_cluster,
+    serial_of,
+    yes,
+)
 from tests.pki import Pki
-from tests.support import SPICED, Runtime, run_spiced
 from tests.tlsprobe import replace_atomically, s_client, wait_for
 
 SEATTLE_SQL = "SELECT * FROM trips WHERE city = 'Seattle'"
@@ -58,88 +61,17 @@ views:
 SCHEDULER_SECRETS = {"SPICE_CLUSTER_PG_USER": "reader", "SPICE_PG_PASS": "pw-only-the-scheduler-has"}
 
 
-def yes(_what: str) -> bool:
-    return True
-
-
-@dataclass
-class Executor:
-    runtime: Runtime
-    http: str  # host:port of its health listener
-    node: str  # host:port of its worker
-
-
-@dataclass
-class Cluster:
-    root: Path
-    pki: Path
-    scheduler: Runtime
-    node: str  # the scheduler's node port, host:port
-    executors: list[Executor]
-
-    @property
-    def node_port(self) -> int:
-        return int(self.node.rsplit(":", 1)[1])
-
-
-def mtls(pki: Path, name: str) -> list[str]:
-    return ["--node-mtls-ca-certificate-file", str(pki / "ca.crt"), "--node-mtls-certificate-file",
-            str(pki / f"{name}.crt"), "--node-mtls-key-file", str(pki / f"{name}.key")]
-
-
-def start_executor(cwd: Path, *args: str) -> Runtime:
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "SPICED_LOG"} | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*SPICED, *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    rt = Runtime(proc, tls=False)
-    threading.Thread(target=rt._pump, name=f"spiced-log-{proc.pid}", daemon=True).start()
-    return rt
-
-
-def captured(rt: Runtime, pattern: str) -> str:
-    """The first group of `pattern` in the first log line that matches it (waiting for one)."""
-    m = re.search(pattern, rt.wait_for_log(pattern, timeout=45))
-    assert m is not None
-    return m.group(1)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    pki = root / "pki"
-    cluster_pki.init(yes, pki)
-    for name in ("scheduler1", "executor1", "executor2", "client1"):
-        cluster_pki.add(name, None, yes, pki)
+    pki = make_pki(root / "pki", "scheduler1", "executor1", "executor2")
     pod = root / "pod"
     pod.mkdir()
     (pod / "spicepod.yaml").write_text(SPICEPOD)
     (pod / "seattle.sql").write_text(SEATTLE_SQL)
     (pod / "trips.csv").write_text("id,city\n1,Seattle\n2,Portland\n")
-    with ExitStack() as stack:
-        scheduler = stack.enter_context(run_spiced(
-            pod, "--role", "scheduler", "--node-bind-address", "127.0.0.1:0", "--node-advertise-address",
-            "127.0.0.1", *mtls(pki, "scheduler1"), "-v", env=SCHEDULER_SECRETS, ready=False, timeout=60))
-        node = captured(scheduler, r"internal cluster server listening on (\S+)")
-        runtimes = [start_executor(root / name, "--scheduler-address", f"https://{node}", "--http", "127.0.0.1:0",
-                                   "--node-bind-address", "127.0.0.1:0", "--node-advertise-address", "127.0.0.1",
-                                   *mtls(pki, name))
-                    for name in ("executor1", "executor2")]
-        for rt in runtimes:
-            stack.callback(rt.stop)
-        executors = [Executor(rt, captured(rt, r"HTTP health endpoint listening on (\S+)"),
-                              captured(rt, r"Spice Runtime executor listening on (\S+)")) for rt in runtimes]
-        yield Cluster(root, pki, scheduler, node, executors)
-        for rt in (scheduler, *runtimes):
-            text = "\n".join(rt.logs())
-            assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
-
-
-def dask_security(pki: Path) -> Any:
-    from distributed import Security
-
-    return Security(tls_ca_file=str(pki / "ca.crt"), tls_client_cert=str(pki / "client1.crt"),
-                    tls_client_key=str(pki / "client1.key"), require_encryption=True)
+    with run_cluster(root, pod, pki, ("executor1", "executor2"), env=SCHEDULER_SECRETS) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -148,27 +80,6 @@ def dask_client(cluster: Cluster) -> Iterator[Any]:
 
     with Client(f"tls://{cluster.node}", security=dask_security(cluster.pki), timeout="20s") as client:
         yield client
-
-
-def cluster_reloads(rt: Runtime) -> dict[str, float]:
-    body = httpx.get(rt.http_url + "/metrics", timeout=10).text
-    return {s.labels["result"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
-            if s.name == "runtime_tls_reload_total" and s.labels.get("scope") == "cluster"}
-
-
-def node_serial(cluster: Cluster) -> int:
-    """The serial of the certificate a fresh handshake on the scheduler's node port is served."""
-    ctx = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
-    ctx.load_cert_chain(cluster.pki / "client1.crt", cluster.pki / "client1.key")
-    with socket.create_connection(("127.0.0.1", cluster.node_port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
-
-
-def serial_of(path: Path) -> int:
-    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
 # ---------------------------------------------------------------- membership and the spicepod

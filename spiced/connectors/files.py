@@ -119,23 +119,11 @@ def _hive_keys(relative_files: Iterator[Path]) -> tuple[str, ...]:
 class FileSource:
     """A dataset over files; the object store, when there is one, is registered once per context."""
 
-    _stores_lock = threading.Lock()
-
     def __init__(self, options: FileOptions) -> None:
         self.options = options
 
     def _prepare(self, ctx: SessionContext) -> None:
-        store = self.options.store
-        if store is None:
-            return
-        with self._stores_lock:  # a store is per bucket or host; registering it again replaces it
-            # DataFusion appends the store's own bucket or host to the scheme given here.
-            if isinstance(store, S3Store):
-                ctx.register_object_store("s3://", _s3_store(store), None)
-            elif store.datafusion_store:
-                from datafusion.object_store import Http
-
-                ctx.register_object_store("https://", Http(store.base), urlsplit(store.base).netloc)
+        register_store(ctx, self.options)
 
     def _partition_cols(self) -> list[tuple[str, str | pa.DataType]] | None:
         o = self.options
@@ -165,8 +153,7 @@ class FileSource:
                                   delimiter=o.delimiter, quote=o.quote)
 
     def _via_http_files(self) -> bool:
-        store = self.options.store
-        return isinstance(store, HttpStore) and not store.datafusion_store
+        return not read_by_datafusion(self.options)
 
     def register(self, ctx: SessionContext, name: str) -> None:
         if self._via_http_files():
@@ -202,6 +189,31 @@ class FileSource:
 
     def close(self) -> None:
         pass
+
+
+_STORES_LOCK = threading.Lock()
+
+
+def read_by_datafusion(options: FileOptions) -> bool:
+    """Whether DataFusion reads the files itself: local, or through an object store it has (S3,
+    HTTPS without credentials); else spiced.connectors.http_files does."""
+    store = options.store
+    return not isinstance(store, HttpStore) or store.datafusion_store
+
+
+def register_store(ctx: SessionContext, options: FileOptions) -> None:
+    """Register the object store DataFusion reads `options`' files through, if they need one."""
+    store = options.store
+    if store is None or not read_by_datafusion(options):
+        return
+    with _STORES_LOCK:  # a store is per bucket or host; registering it again replaces it
+        # DataFusion appends the store's own bucket or host to the scheme given here.
+        if isinstance(store, S3Store):
+            ctx.register_object_store("s3://", _s3_store(store), None)
+        else:
+            from datafusion.object_store import Http
+
+            ctx.register_object_store("https://", Http(store.base), urlsplit(store.base).netloc)
 
 
 _ENV_LOCK = threading.Lock()

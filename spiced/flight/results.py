@@ -11,7 +11,8 @@ Failures, by where they happen and the query's kind (spiced.errors):
   planning, execution, unsupported) get INVALID_ARGUMENT with the bare DataFusion message, and the
   rest INTERNAL `Failed to execute query: <error>`.
 - in the first batches (still before the stream): INVALID_ARGUMENT with the bare message.
-- mid-stream: INVALID_ARGUMENT with the bare message; timeout and cancelled end the stream UNKNOWN
+- mid-stream: INVALID_ARGUMENT with the bare message; timeout, cancelled and a cluster's lost
+  executors (`unavailable`; UNAVAILABLE when raised before the stream) end the stream UNKNOWN
   with the same clean text, because the stream is handed to Flight through the Arrow C stream
   interface (spiced.flight.stream), whose errno → code mapping only knows EINVAL/EDOM/ERANGE
   (INVALID_ARGUMENT) and ENOSYS (UNIMPLEMENTED): every other errno, checked 1–133, is UNKNOWN.
@@ -53,7 +54,7 @@ def _stopped_early(e: QueryError) -> flight.FlightError | None:
         return flight.FlightTimedOutError(str(e))
     if e.kind == "cancelled":
         return flight.FlightCancelledError(str(e))
-    if e.kind == "not_cached":
+    if e.kind in ("not_cached", "unavailable"):
         return flight.FlightUnavailableError(str(e))
     return None
 
@@ -69,7 +70,7 @@ def _refused(e: QueryError, raw: bool) -> flight.FlightDataStream:
 
 
 def _stream_error(e: QueryError) -> streams.StreamError:
-    if e.kind in ("timeout", "cancelled"):
+    if e.kind in ("timeout", "cancelled", "unavailable"):
         return streams.StreamError("unknown", str(e))
     return streams.StreamError("invalid_argument", bare(str(e)))
 

@@ -11,10 +11,10 @@ pull every batch before the header instead.
 
 Statuses by the failure's kind (spiced.errors), as upstream: 504 `Failed to execute query: Query
 timed out after <t>s`; 499 `Query <id> was cancelled` (POST /v1/sql/{id}/cancel, spiced.queries);
-503 for `Resources exhausted`; 400 `Failed to execute query: <DataFusion error>` for every other
-engine error; 500 when the results cannot be encoded. Every query is tracked (active list, metrics,
-one WARN line when it fails) by spiced.tracker; a client that leaves before the end counts as
-`err_code=Cancelled`.
+503 for `Resources exhausted` and for a cluster whose executors died under the query; 400 `Failed to
+execute query: <DataFusion error>` for every other engine error; 500 when the results cannot be
+encoded. Every query is tracked (active list, metrics, one WARN line when it fails) by
+spiced.tracker; a client that leaves before the end counts as `err_code=Cancelled`.
 """
 
 from __future__ import annotations
@@ -249,5 +249,5 @@ def failed(e: QueryError) -> Response:
     """The status and text for a query that failed before its header went out (module docstring)."""
     if e.kind == "cancelled":
         return PlainTextResponse(str(e), status_code=499)
-    status = {"timeout": 504, "not_cached": 504, "resources_exhausted": 503}.get(e.kind, 400)
+    status = {"timeout": 504, "not_cached": 504, "resources_exhausted": 503, "unavailable": 503}.get(e.kind, 400)
     return PlainTextResponse(f"Failed to execute query: {e}", status_code=status)
