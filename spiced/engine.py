@@ -9,6 +9,7 @@ loaded and kept by `spiced.datasets`; queries that read a database in place go t
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -89,6 +90,8 @@ class Engine:
         self._loop = WaitLoop()
         self.quick = QuickQueries()
         self.cluster: ClusterExecutor | None = None  # a scheduler's executors (spiced.cluster.execution)
+        self._partitions = os.cpu_count() or 1  # DataFusion's target_partitions, its default
+        self._partitions_checked = 0.0
         self._applied = 0  # spicepod changes applied
         self._use(spicepod)
         if cache is not None:
@@ -156,6 +159,8 @@ class Engine:
         QueryError of kind `timeout`; `stopper.stop(error)` ends it with `error` (a cancel). Either
         way the query stops running (see `QueryStream`)."""
         stopper = stopper or Stopper()
+        if self.cluster is not None:
+            self._fit_partitions()
         df = self.plan(sql, params)
         deadline = Deadline(timeout, self._loop.get()) if timeout is not None else None
         cached = self._cached(df, sql, params, cache) if self.cache is not None and cache is not None else None
@@ -228,6 +233,20 @@ class Engine:
         readable = {d.name for d in self.spicepod.datasets if not d.accelerated
                     and isinstance(d.options, FileOptions) and read_by_datafusion(d.options)}
         return all(dataset_name(*ref) in readable for ref in scanned(df.optimized_logical_plan()))
+
+    def _fit_partitions(self) -> None:
+        """On a scheduler, plan with a partition for each executor thread (at least one per local
+        core): each partition of a stage is one task, so fewer would leave executors idle. Checked
+        at most once a second; a DataFrame keeps the settings it was planned with."""
+        assert self.cluster is not None
+        now = time.monotonic()
+        if now - self._partitions_checked < 1.0:
+            return
+        self._partitions_checked = now
+        partitions = max(os.cpu_count() or 1, sum(self.cluster.client.nthreads().values()))
+        if partitions != self._partitions:
+            self.ctx.sql(f"SET datafusion.execution.target_partitions = {partitions}").collect()
+            self._partitions = partitions
 
     def _accelerated_names(self, df: DataFrame) -> set[str]:
         """The accelerated datasets a query reads (through views too) when any may read its source instead."""

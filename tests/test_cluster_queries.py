@@ -167,6 +167,15 @@ def lines(rt: Runtime, pattern: str, after: int = 0) -> int:
     return sum(re.search(pattern, line) is not None for line in rt.logs()[after:])
 
 
+def test_a_query_has_a_task_for_each_executor_thread(cluster: Cluster, expected: dict[str, pa.Table],
+                                                     dask_client: Any) -> None:
+    threads = sum(dask_client.nthreads().values())
+    mark = len(cluster.scheduler.logs())
+    check(GROUP_BY, query(cluster, GROUP_BY, "http"), expected)
+    ran = [line for line in cluster.scheduler.logs()[mark:] if "Query ran" in line]
+    assert len(ran) == 1 and f"Query ran 1 stage(s) as {threads} task(s) on 2 executor(s)" in ran[0], ran
+
+
 # ---------------------------------------------------------------- rotation under a stream of queries
 
 
@@ -289,15 +298,16 @@ def stage_tasks(dask_client: Any, executor: Executor) -> int:
 
 def test_an_executor_killed_mid_query(cluster: Cluster, expected: dict[str, pa.Table], dask_client: Any) -> None:
     doomed, survivor = cluster.executors[-1], cluster.executors[0]
+    total = 2 * sum(dask_client.nthreads().values())  # two queries, a partition per executor thread each
     mark = len(cluster.scheduler.logs())
     with ThreadPoolExecutor(2) as pool, get_task_stream(dask_client) as stream:
         running = [pool.submit(outcome, cluster, MANY_GROUPS, protocol, expected) for protocol in ("http", "flight")]
-        # Each query gives each executor one of its two partitions. The doomed one is frozen as soon as
-        # it runs one, so that the kill lands while it holds partitions (of both queries, as a rule).
+        # Each query gives each executor half of its partitions. The doomed one is frozen as soon as it
+        # runs one, so that the kill lands while it holds partitions (of both queries, as a rule).
         wait_for(lambda: stage_tasks(dask_client, doomed) >= 1, timeout=30)
         doomed.runtime.send_signal(signal.SIGSTOP)
         with suppress(TimedOut):
-            wait_for(lambda: stage_tasks(dask_client, doomed) == 2, timeout=5)
+            wait_for(lambda: stage_tasks(dask_client, doomed) == total // 2, timeout=5)
         time.sleep(0.2)  # a partition it finished just before the freeze would have been reported by now
         held = stage_tasks(dask_client, doomed)
         assert held >= 1
@@ -309,7 +319,7 @@ def test_an_executor_killed_mid_query(cluster: Cluster, expected: dict[str, pa.T
     # the right rows.
     assert outcomes == ["rerun", "rerun"], outcomes
     finished = [task["worker"] for task in stream.data if str(task["key"]).startswith("spiced-stage-")]
-    assert len(finished) == 4 and finished.count(f"tls://{survivor.node}") == 2 + held, (held, finished)
+    assert len(finished) == total and finished.count(f"tls://{survivor.node}") == total // 2 + held, (held, finished)
     wait_for(lambda: lines(cluster.scheduler, ran_on(2), mark) == 2, timeout=10)  # they had started on both
 
     wait_for(lambda: executors_listed(cluster) == [survivor.node], timeout=30)
