@@ -35,7 +35,7 @@ from datafusion.record_batch import RecordBatchStream
 
 from .batches import PLAIN_ARROW_TYPES, plain_schema
 from .config import Spicepod
-from .connectors.files import FileOptions, read_by_datafusion
+from .connectors.files import FileOptions, ObjectStores, read_by_datafusion
 from .datasets.arrow_store import ArrowStore
 from .datasets.lifecycle import Datasets, format_size
 from .errors import QueryError, engine_error
@@ -217,8 +217,8 @@ class Engine:
             federated = _bounded(stopper, deadline, self.federation.run, df, sql, params)
             if federated is not None:
                 return federated
-            if self.cluster is not None and self._on_executors(df) and (
-                    on_cluster := stopper.call(self.cluster.execute, self.ctx, df)):
+            if self.cluster is not None and (stores := self._on_executors(df)) is not None and (
+                    on_cluster := stopper.call(self.cluster.execute, self.ctx, df, stores)):
                 return _distributed(on_cluster, stopper, deadline)
             return stopper.call(df.execute_stream)
 
@@ -226,13 +226,17 @@ class Engine:
         return self._or_source(df, sql, params, names, QueryStream(df.schema(), stream, deadline, stopper),
                                deadline, stopper)
 
-    def _on_executors(self, df: DataFrame) -> bool:
-        """Whether every dataset a query reads is files DataFusion reads itself, not accelerated: local
-        files (the executors read them at the same paths) or an object store (each executor has it,
-        spiced.cluster.stores). Accelerated data lives on the scheduler; databases are federated."""
-        readable = {d.name for d in self.spicepod.datasets if not d.accelerated
+    def _on_executors(self, df: DataFrame) -> ObjectStores | None:
+        """When every dataset a query reads is files DataFusion reads itself, not accelerated (local
+        files, which the executors read at the same paths, or files in an object store), the object
+        stores the executors need for it; None when it must run here (accelerated data lives on the
+        scheduler, databases are federated)."""
+        readable = {d.name: d.options for d in self.spicepod.datasets if not d.accelerated
                     and isinstance(d.options, FileOptions) and read_by_datafusion(d.options)}
-        return all(dataset_name(*ref) in readable for ref in scanned(df.optimized_logical_plan()))
+        names = {dataset_name(*ref) or "" for ref in scanned(df.optimized_logical_plan())}
+        if not names <= readable.keys():
+            return None
+        return ObjectStores(tuple(readable[name] for name in sorted(names) if readable[name].store is not None))
 
     def _fit_partitions(self) -> None:
         """On a scheduler, plan with a partition for each executor thread (at least one per local

@@ -164,11 +164,10 @@ class Runtime:
         self.state.cluster = await start_scheduler(settings, self._cluster_tls, lambda: engine.spicepod,
                                                    self.config.workdir)
         from .cluster.execution import ClusterExecutor
-        from .cluster.stores import register_object_stores
 
         executor = ClusterExecutor(self.state.cluster.client)
         # A synchronous client: off the loop that runs the scheduler.
-        await asyncio.to_thread(executor.prepare, register_object_stores)
+        await asyncio.to_thread(executor.prepare)
         engine.cluster = executor
 
     def _listening(self, name: str, address: str, logger: str, label: str) -> None:

@@ -125,7 +125,8 @@ def captured(rt: Runtime, pattern: str) -> str:
 
 @contextmanager
 def run_cluster(root: Path, pod: Path, pki: Path, executors: tuple[str, ...], *, scheduler: str = "scheduler1",
-                env: dict[str, str] | None = None, metrics: bool = False) -> Iterator[Cluster]:
+                env: dict[str, str] | None = None, metrics: bool = False,
+                args: tuple[str, ...] = ()) -> Iterator[Cluster]:
     """A scheduler (`-v`) over the spicepod in `pod` and one executor per name, started together.
 
     On a clean exit, no process may have logged an ERROR or a traceback; a process the test killed
@@ -133,7 +134,7 @@ def run_cluster(root: Path, pod: Path, pki: Path, executors: tuple[str, ...], *,
     with ExitStack() as stack:
         rt = stack.enter_context(run_spiced(
             pod, "--role", "scheduler", "--node-bind-address", "127.0.0.1:0", "--node-advertise-address",
-            "127.0.0.1", *mtls(pki, scheduler), "-v", env=env, metrics=metrics, ready=False, timeout=60))
+            "127.0.0.1", *mtls(pki, scheduler), "-v", *args, env=env, metrics=metrics, ready=False, timeout=60))
         cluster = Cluster(root, pki, rt, captured(rt, r"internal cluster server listening on (\S+)"), [], metrics)
         stack.enter_context(cluster._stack)
         started = [(name, cluster.start_executor(name)) for name in executors]  # they start side by side

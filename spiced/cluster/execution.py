@@ -36,7 +36,8 @@ Failures. The partitions of an executor that dies mid-query run again on another
 a task whose worker died, `distributed.scheduler.allowed-failures` times, then the query fails with
 a QueryError naming the lost task). An error on an executor fails the query with DataFusion's text,
 classified as it would be locally. Executors must see the files as the scheduler does: the same
-paths, or object stores registered by `ClusterExecutor.prepare`'s `configure`.
+paths, or the object stores each query brings with it (`execute`'s `setup`, run once per session
+on each executor).
 """
 
 from __future__ import annotations
@@ -300,9 +301,21 @@ class StageError(Exception):
     """A stage partition that failed on an executor; the message is DataFusion's."""
 
 
-def run_partition(plan: bytes, partition: int) -> pa.Table | None:
-    """On an executor: partition `partition` of the serialized stage `plan` (None: no rows)."""
+SessionSetup = Callable[[SessionContext], None]  # hashable and picklable: e.g. the object stores a query reads through
+_SET_UP: dict[int, set[SessionSetup]] = {}  # per executor session (by id: sessions live as long as the worker)
+_SET_UP_LOCK = threading.Lock()
+
+
+def run_partition(plan: bytes, partition: int, setup: SessionSetup | None = None) -> pa.Table | None:
+    """On an executor: partition `partition` of the serialized stage `plan` (None: no rows), in a
+    session that `setup` has prepared (once per session)."""
     session = _executor_session()
+    if setup is not None:
+        with _SET_UP_LOCK:
+            done = _SET_UP.setdefault(id(session), set())
+            if setup not in done:
+                setup(session)
+                done.add(setup)
     try:
         stage = ExecutionPlan.from_bytes(session, plan)
         batches = [batch.to_pyarrow() for batch in session.execute(stage, partition)]
@@ -351,9 +364,11 @@ class ClusterExecutor:
         """Give every executor, present and future, a warm session made by `configure`."""
         self.client.register_plugin(DataFusionExecutor(configure), name=PLUGIN_NAME)
 
-    def execute(self, ctx: SessionContext, query: str | DataFrame) -> DistributedQuery | None:
+    def execute(self, ctx: SessionContext, query: str | DataFrame,
+                setup: SessionSetup | None = None) -> DistributedQuery | None:
         """Start `query` (SQL, or a DataFrame the engine planned in `ctx`) on the cluster; None when
-        it is not distributed (the caller runs it locally). Planning errors are QueryErrors."""
+        it is not distributed (the caller runs it locally). Planning errors are QueryErrors. `setup`
+        prepares each executor's session for it (the object stores its files are read through)."""
         try:
             df = ctx.sql_with_options(query, READ_ONLY) if isinstance(query, str) else query
             split = split_plan(df.execution_plan(), ctx)
@@ -370,7 +385,7 @@ class ClusterExecutor:
             # Round robin, each query starting one executor further; a partition may run on another
             # executor when its own is gone (Dask runs the tasks of a lost worker again).
             executor = executors[next(order) % len(executors)]
-            return self.client.submit(run_partition, stage.plan, partition, workers=[executor],
+            return self.client.submit(run_partition, stage.plan, partition, setup, workers=[executor],
                                       allow_other_workers=True, pure=False,
                                       key=f"spiced-stage-{tag}-{index}-{partition}")
 

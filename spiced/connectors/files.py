@@ -216,6 +216,18 @@ def register_store(ctx: SessionContext, options: FileOptions) -> None:
             ctx.register_object_store("https://", Http(store.base), urlsplit(store.base).netloc)
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectStores:
+    """The object stores some file datasets are read through, to register in another session (a
+    cluster executor's: spiced/cluster/execution.py sends it with each query)."""
+
+    options: tuple[FileOptions, ...]
+
+    def __call__(self, ctx: SessionContext) -> None:
+        for options in self.options:
+            register_store(ctx, options)
+
+
 _ENV_LOCK = threading.Lock()
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SKIP_SIGNATURE")
 
