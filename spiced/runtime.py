@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .auth import ApiKeys
-from .config import RuntimeConfig
+from .config import DEFAULT_EXPIRY_WARNING_DAYS, RuntimeConfig
 from .engine import Engine
 from .errors import ConfigError
 from .listeners import bind_tcp, display_address
 from .metrics import Metrics
 from .state import RuntimeState
+from .tls.expiry import monitor_for
 
 if TYPE_CHECKING:
     from .tls.cluster import ClusterTls
@@ -130,9 +131,13 @@ class Runtime:
                 create_metrics_app(state), msock, tls.listener_context("metrics") if tls else None,
                 self._http_shutdown, graceful_timeout=DRAIN_SECONDS))))
             self._listening("metrics", display_address(msock), "runtime.metrics_server", "Metrics")
+        expiry = monitor_for(tls.expiry if tls else None, self._cluster_tls.certificates if self._cluster_tls else None,
+                             self.metrics, self.config.tls.expiry_warning_days if self.config.tls else
+                             DEFAULT_EXPIRY_WARNING_DAYS)
+        if expiry is not None:
+            self._tasks.append(asyncio.create_task(expiry.run(self._stop)))
         if tls is not None and self.config.tls is not None:
             tls.log_startup()
-            self._tasks.append(asyncio.create_task(tls.expiry.run(self._stop)))
             if self.config.tls.reloadable:
                 notifications = self.config.tls.watch == "notify"
                 self._tasks.append(asyncio.create_task(tls.watch(self._stop, notifications=notifications)))

@@ -156,12 +156,17 @@ def dask_security(pki: Path) -> Any:
                     tls_client_key=str(pki / f"{CLIENT}.key"), require_encryption=True)
 
 
-def cluster_reloads(rt: Runtime) -> dict[str, float]:
-    """`runtime_tls_reload_total{scope="cluster"}` by result, from the --metrics listener when there is one."""
+def cluster_samples(rt: Runtime, name: str) -> list[Any]:
+    """The samples of metric `name` with `scope="cluster"`, from the --metrics listener when there is one."""
     base = rt.metrics_url if "metrics" in rt.addresses else rt.http_url
     body = httpx.get(base + "/metrics", timeout=10).text
-    return {s.labels["result"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
-            if s.name == "runtime_tls_reload_total" and s.labels.get("scope") == "cluster"}
+    return [s for f in text_string_to_metric_families(body) for s in f.samples
+            if s.name == name and s.labels.get("scope") == "cluster"]
+
+
+def cluster_reloads(rt: Runtime) -> dict[str, float]:
+    """`runtime_tls_reload_total{scope="cluster"}` by result."""
+    return {s.labels["result"]: s.value for s in cluster_samples(rt, "runtime_tls_reload_total")}
 
 
 def node_serial(cluster: Cluster, port: int | None = None) -> int:

@@ -31,12 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.flight as fl
 import pyarrow.parquet as pq
 import pytest
+from cryptography import x509
 from distributed import Client, get_task_stream
 
 from tests.cluster_rig import (
     Cluster,
     Executor,
     cluster_reloads,
+    cluster_samples,
     dask_security,
     issue,
     make_pki,
@@ -174,6 +176,17 @@ def test_a_query_has_a_task_for_each_executor_thread(cluster: Cluster, expected:
     check(GROUP_BY, query(cluster, GROUP_BY, "http"), expected)
     ran = [line for line in cluster.scheduler.logs()[mark:] if "Query ran" in line]
     assert len(ran) == 1 and f"Query ran 1 stage(s) as {threads} task(s) on 2 executor(s)" in ran[0], ran
+
+
+def test_node_certificates_are_in_the_expiry_gauges(cluster: Cluster) -> None:
+    for name, rt in (("scheduler1", cluster.scheduler), *((e.name, e.runtime) for e in cluster.executors)):
+        seen = {(s.labels["kind"], s.labels["subject_CN"], s.labels["serial_number"], s.value)
+                for s in cluster_samples(rt, "x509_cert_not_after")}
+        leaf = x509.load_pem_x509_certificate((cluster.pki / f"{name}.crt").read_bytes())
+        ca = x509.load_pem_x509_certificate((cluster.pki / "ca.crt").read_bytes())
+        assert seen == {("server", name, format(leaf.serial_number, "X"), leaf.not_valid_after_utc.timestamp()),
+                        ("client_ca", "Spice.ai CLI Root CA - DO NOT USE IN PRODUCTION",
+                         format(ca.serial_number, "X"), ca.not_valid_after_utc.timestamp())}, (name, seen)
 
 
 # ---------------------------------------------------------------- rotation under a stream of queries

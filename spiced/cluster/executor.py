@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 from distributed import Worker
 from distributed.core import rpc
 
-from ..config import ClusterSettings, ExecutorConfig, Spicepod
+from ..config import DEFAULT_EXPIRY_WARNING_DAYS, ClusterSettings, ExecutorConfig, Spicepod
 from ..errors import ConfigError
 from ..listeners import bind_tcp, display_address
 from ..metrics import Metrics
 from ..tls.cluster import ClusterTls
+from ..tls.expiry import monitor_for
 from ..tls.material import os_error_text
 from . import daskconf
 from .definition import HANDLER, received_spicepod
@@ -132,6 +133,11 @@ class ExecutorRuntime:
                               graceful_timeout=DRAIN_SECONDS))
             logging.getLogger("runtime.metrics_server").info("Spice Runtime Metrics listening on %s",
                                                              display_address(msock))
+        expiry = monitor_for(public.expiry if public else None,
+                             self._cluster_tls.certificates if self._cluster_tls else None, self.metrics,
+                             self.config.tls.expiry_warning_days if self.config.tls else DEFAULT_EXPIRY_WARNING_DAYS)
+        if expiry is not None:
+            self._spawn(expiry.run(self._stop))
         if public is not None:
             public.log_startup()
             if self.config.tls is not None and self.config.tls.reloadable:

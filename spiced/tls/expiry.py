@@ -3,7 +3,8 @@
 Operators learn of an expiry before clients fail, three ways:
   - metrics, named after the x509-certificate-exporter's family (the de facto convention; upstream
     has none): `x509_cert_not_after` and `x509_cert_not_before`, Unix seconds, labelled `scope`
-    (`public`), `kind` (`server` or `client_ca`), `subject_CN` and `serial_number`. Gauges are
+    (`public`, or `cluster` for a cluster node's mTLS material), `kind` (`server` or `client_ca`),
+    `subject_CN` and `serial_number`. Gauges are
     observed from the certificates in use at scrape time, so a rotation replaces a certificate's
     series instead of adding one: the label sets stay bounded by the certificates served and trusted;
   - logs: WARN at startup and once a day while a certificate expires within the threshold
@@ -78,7 +79,7 @@ class ExpiryMonitor:
 
     def __init__(self, certificates: Callable[[], Sequence[CertificateFacts]], metrics: Metrics,
                  warning_days: int) -> None:
-        self._certificates = certificates
+        self._sources = [certificates]
         self._warning_days = warning_days
         self._warned: dict[str, date] = {}  # fingerprint → the day it was last warned about
         self._expired: set[str] = set()  # fingerprints already logged as expired
@@ -86,6 +87,13 @@ class ExpiryMonitor:
                         self._observe(lambda f: f.not_after))
         metrics.observe("x509_cert_not_before", "The certificate's notBefore (Unix seconds), by scope and kind.",
                         self._observe(lambda f: f.not_before))
+
+    def include(self, certificates: Callable[[], Sequence[CertificateFacts]]) -> None:
+        """Watch these certificates too (a cluster node's, beside the public ones)."""
+        self._sources.append(certificates)
+
+    def _certificates(self) -> list[CertificateFacts]:
+        return [f for source in self._sources for f in source()]
 
     def _observe(self, when: Callable[[CertificateFacts], datetime]) -> Callable[[CallbackOptions], list[Observation]]:
         def observe(_: CallbackOptions) -> list[Observation]:
@@ -116,3 +124,15 @@ class ExpiryMonitor:
                 return
             except TimeoutError:
                 pass
+
+
+def monitor_for(public: ExpiryMonitor | None, cluster: Callable[[], Sequence[CertificateFacts]] | None,
+                metrics: Metrics, warning_days: int) -> ExpiryMonitor | None:
+    """One monitor for a node's certificates: the public TLS manager's, with the cluster profile's
+    included (scope `cluster`), or the cluster's alone when the public listeners are plaintext."""
+    if cluster is None:
+        return public
+    if public is None:
+        return ExpiryMonitor(cluster, metrics, warning_days)
+    public.include(cluster)
+    return public
