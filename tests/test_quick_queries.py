@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,15 @@ def test_an_inline_attempt_returns_its_result_or_gives_up_at_its_limit(engine: E
     started = time.monotonic()
     assert attempt_inline(lambda stopper: list(engine.execute(ENDLESS, stopper=stopper)), Stopper(), 0.05) is None
     assert time.monotonic() - started < 3  # DataFusion notices a stop within about a second
+
+
+def test_inline_attempts_share_one_watchdog_thread(engine: Engine) -> None:
+    attempt_inline(lambda stopper: list(engine.execute(SMALL, stopper=stopper)), Stopper(), 0.05)
+    threads = threading.active_count()
+    for _ in range(200):  # a thread per attempt (threading.Timer) would cost more than the hop it saves
+        attempt_inline(lambda stopper: list(engine.execute(SMALL, stopper=stopper)), Stopper(), 0.05)
+        assert threading.active_count() == threads
+    assert [t.name for t in threading.enumerate()].count("inline-watchdog") == 1
 
 
 def test_a_cancel_during_an_inline_attempt_ends_the_query(engine: Engine) -> None:

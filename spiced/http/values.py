@@ -228,6 +228,9 @@ def number_formatter(t: pa.DataType, *, display: bool = False) -> Callable[[Any]
 # ------------------------------------------------------------------ DataFusion over one batch
 
 
+_CORES = os.cpu_count() or 1
+
+
 class BatchSql:
     """Runs SQL over one record batch at a time with DataFusion's kernels.
 
@@ -238,7 +241,7 @@ class BatchSql:
     """
 
     def __init__(self, batch_rows: int = 65_536, partitions: int | None = None) -> None:
-        self._partitions = max(1, min(partitions or os.cpu_count() or 1, 4))
+        self._partitions = max(1, min(partitions or _CORES, 4))
         self._batch_rows = batch_rows
         self._session: SessionContext | None = None
 
