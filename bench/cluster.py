@@ -30,6 +30,7 @@ from distributed import Client, Security
 from bench.common import OUT, Row, big_table, report
 from spiced.cluster.execution import ClusterExecutor, ClusterStats
 from spiced.engine import session_config
+from tests.cluster_rig import stop_dask
 from tests.pki import issue, make_ca
 
 ROWS, FILES, ROUNDS = 20_000_000, 8, 7
@@ -84,14 +85,7 @@ def tls_cluster(work: Path) -> Iterator[Client]:
             client.wait_for_workers(2, timeout=120)
             yield client
     finally:
-        for group in (procs[1:], procs[:1]):  # executors first: one stopped with its scheduler can hang
-            for proc in group:
-                proc.terminate()
-            for proc in group:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_dask(procs)
         logs.close()
 
 

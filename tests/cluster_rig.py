@@ -183,3 +183,16 @@ def node_serial(cluster: Cluster, port: int | None = None) -> int:
 
 def serial_of(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def stop_dask(procs: list[subprocess.Popen[bytes]]) -> None:
+    """A `dask scheduler` (first) and its `dask worker`s: the workers, then the scheduler; a worker
+    stopped while its scheduler goes away can hang in its shutdown."""
+    for group in (procs[1:], procs[:1]):
+        for proc in group:
+            proc.terminate()
+        for proc in group:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

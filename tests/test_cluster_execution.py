@@ -32,6 +32,7 @@ from spiced.engine import Engine
 from spiced.errors import QueryError
 from spiced.interrupt import Stopped, Stopper
 from spiced.metrics import Metrics
+from tests.cluster_rig import stop_dask
 from tests.support import dataset_yaml, spicepod_yaml
 
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -186,20 +187,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if cluster is not None:
             cluster.client.close()
-        stop(procs)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """The executors, then the scheduler: a `dask worker` stopped while its scheduler goes away can
-    hang in its shutdown."""
-    for group in (procs[1:], procs[:1]):
-        for proc in group:
-            proc.terminate()
-        for proc in group:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_dask(procs)
 
 
 def collect(query: DistributedQuery) -> pa.Table:
