@@ -103,9 +103,11 @@ class Watchdog:
                 self._cond.notify()
         return alarm
 
-    @staticmethod
-    def disarm(alarm: _Alarm) -> None:
-        alarm.armed = False
+    def disarm(self, alarm: _Alarm) -> bool:
+        """False when the alarm went off first (its stop is under way, or done)."""
+        with self._cond:
+            armed, alarm.armed = alarm.armed, False
+        return armed
 
     def _watch(self) -> None:
         with self._cond:
@@ -151,8 +153,8 @@ def attempt_inline(run: Callable[[Stopper], T], stopper: Stopper, limit: float) 
             raise
         result = None
     finally:
-        WATCHDOG.disarm(alarm)
-    if attempt.error is too_slow:  # also when the limit passed as `run` returned
+        went_off = not WATCHDOG.disarm(alarm)
+    if went_off or attempt.error is too_slow:  # also when the limit passed as `run` returned
         remove()
         return None
     return result

@@ -4,6 +4,7 @@ start that turns out heavy, against a real engine and the real runtime."""
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import threading
 import time
@@ -87,6 +88,25 @@ def test_inline_attempts_share_one_watchdog_thread(engine: Engine) -> None:
         attempt_inline(lambda stopper: list(engine.execute(SMALL, stopper=stopper)), Stopper(), 0.05)
         assert threading.active_count() == threads
     assert [t.name for t in threading.enumerate()].count("inline-watchdog") == 1
+
+
+def test_an_attempt_that_returns_is_never_stopped_after(engine: Engine) -> None:
+    """Limits about as long as the query: the alarm and the return race, and whichever wins, a
+    result handed back runs on (its stopper is never stopped later)."""
+    handed: list[Stopper] = []
+    outcomes = {"returned": 0, "gave up": 0}
+
+    def run(stopper: Stopper) -> list[object]:
+        handed.append(stopper)
+        return list(engine.execute(SMALL, stopper=stopper))
+
+    for i in range(300):
+        result = attempt_inline(run, Stopper(), random.uniform(0.0001, 0.002))
+        outcomes["returned" if result is not None else "gave up"] += 1
+        if result is not None:
+            time.sleep(0.003)  # past the limit: a late alarm would have gone off by now
+            assert handed[-1].error is None, (i, outcomes)
+    assert outcomes["returned"] and outcomes["gave up"], outcomes  # the race was exercised
 
 
 def test_a_cancel_during_an_inline_attempt_ends_the_query(engine: Engine) -> None:
