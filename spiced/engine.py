@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from .datasets.arrow_store import ArrowStore
 from .datasets.lifecycle import Datasets, format_size
 from .errors import QueryError, engine_error
 from .federation import Federation
-from .interrupt import Stopped, Stopper
+from .interrupt import WATCHDOG, Stopped, Stopper, bounded_call
 from .metrics import Metrics
 from .plans import READ_ONLY, dataset_name, scanned
 from .quick import QuickQueries
@@ -247,7 +246,7 @@ class Engine:
         if now - self._partitions_checked < 1.0:
             return
         self._partitions_checked = now
-        partitions = max(os.cpu_count() or 1, sum(self.cluster.client.nthreads().values()))
+        partitions = max(os.cpu_count() or 1, sum(self.cluster.threads().values()))
         if partitions != self._partitions:
             self.ctx.sql(f"SET datafusion.execution.target_partitions = {partitions}").collect()
             self._partitions = partitions
@@ -312,15 +311,11 @@ def _distributed(query: DistributedQuery, stopper: Stopper, deadline: Deadline |
     """A query running on the cluster's executors, fetched through the query's `Stopper.call`: its
     first batch (every stage done) bounded by the time limit, like a database's; its stages
     cancelled however the stream ends."""
-    timer = None
-    if deadline is not None:
-        timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), stopper.stop, (deadline.error(),))
-        timer.daemon = True
-        timer.start()
+    alarm = None if deadline is None else WATCHDOG.arm(deadline.at, stopper, deadline.error())
     try:
         first = next(query, None)
-        if timer is not None:
-            timer.cancel()
+        if alarm is not None:
+            WATCHDOG.disarm(alarm)
         stats = query.stats
         cluster_log.debug("Query ran %d stage(s) as %d task(s) on %d executor(s); %d bytes came back",
                           stats.stages, stats.tasks, stats.executors, stats.bytes_received)
@@ -328,8 +323,8 @@ def _distributed(query: DistributedQuery, stopper: Stopper, deadline: Deadline |
             yield first
             yield from query
     finally:
-        if timer is not None:
-            timer.cancel()
+        if alarm is not None:
+            WATCHDOG.disarm(alarm)
         query.close()
 
 
@@ -338,10 +333,4 @@ def _bounded(stopper: Stopper, deadline: Deadline | None, fn: Callable[..., T], 
     (a database's first batch: its driver is asked to cancel, spiced.connectors.sql_source)."""
     if deadline is None:
         return stopper.call(fn, *args)
-    timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), stopper.stop, (deadline.error(),))
-    timer.daemon = True
-    timer.start()
-    try:
-        return stopper.call(fn, *args)
-    finally:
-        timer.cancel()
+    return bounded_call(stopper, deadline.at, deadline.error(), fn, *args)

@@ -20,7 +20,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import ctypes
+import heapq
+import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -160,3 +163,89 @@ class Stopper:
                 del future
         assert self._error is not None
         raise Stopped(self._error)
+
+
+class Alarm:
+    __slots__ = ("at", "stopper", "error", "armed")
+
+    def __init__(self, at: float, stopper: Stopper, error: QueryError) -> None:
+        self.at, self.stopper, self.error, self.armed = at, stopper, error, True
+
+
+class Watchdog:
+    """One thread that stops queries still running at a given time: time limits, and inline starts
+    (spiced.quick) past theirs. (A threading.Timer per query starts a thread per query and waits
+    for it to start: for a small query, more than the query.) Almost every alarm is disarmed long
+    before it is due; disarmed ones leave the heap when due, or all at once when they are most of
+    it, so the thread wakes about once per due alarm, not per query."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._alarms: list[tuple[float, int, Alarm]] = []
+        self._order = itertools.count()
+        self._disarmed = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, at: float, stopper: Stopper, error: QueryError) -> Alarm:
+        """`stopper.stop(error)` at `at` (time.monotonic()), unless disarmed first."""
+        alarm = Alarm(at, stopper, error)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="query-watchdog", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._alarms, (at, next(self._order), alarm))
+            if self._alarms[0][2] is alarm:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: Alarm) -> bool:
+        """False when the alarm went off first (its stop is under way, or done)."""
+        with self._cond:
+            armed, alarm.armed = alarm.armed, False
+            if armed:
+                self._disarmed += 1
+                if self._disarmed > 64 and self._disarmed * 2 > len(self._alarms):
+                    self._alarms = [entry for entry in self._alarms if entry[2].armed]
+                    heapq.heapify(self._alarms)
+                    self._disarmed = 0
+        return armed
+
+    def pending(self) -> int:
+        """Alarms held, disarmed ones not yet dropped included (for tests)."""
+        with self._cond:
+            return len(self._alarms)
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                while self._alarms and not self._alarms[0][2].armed:
+                    heapq.heappop(self._alarms)
+                    self._disarmed -= 1
+                if not self._alarms:
+                    self._cond.wait()
+                    continue
+                left = self._alarms[0][0] - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                alarm = heapq.heappop(self._alarms)[2]
+                alarm.armed = False
+                self._cond.release()
+                try:
+                    alarm.stopper.stop(alarm.error)
+                finally:
+                    self._cond.acquire()
+
+
+WATCHDOG = Watchdog()
+
+
+def bounded_call(stopper: Stopper, at: float | None, error: QueryError, fn: Callable[..., T], *args: object) -> T:
+    """`stopper.call(fn, *args)`, stopped with `error` if time.monotonic() reaches `at` first."""
+    if at is None:
+        return stopper.call(fn, *args)
+    alarm = WATCHDOG.arm(at, stopper, error)
+    try:
+        return stopper.call(fn, *args)
+    finally:
+        WATCHDOG.disarm(alarm)

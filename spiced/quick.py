@@ -26,12 +26,12 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
 from .errors import QueryError
-from .interrupt import Stopper
+from .interrupt import WATCHDOG, Stopper
 
 T = TypeVar("T")
 log = logging.getLogger("runtime.query")
@@ -74,64 +74,6 @@ class QuickQueries:
                 self._seen.popitem(last=False)
 
 
-class _Alarm:
-    __slots__ = ("at", "stopper", "error", "armed")
-
-    def __init__(self, at: float, stopper: Stopper, error: QueryError) -> None:
-        self.at, self.stopper, self.error, self.armed = at, stopper, error, True
-
-
-class Watchdog:
-    """One thread that stops inline attempts still running past their limit. (A threading.Timer
-    per query starts a thread per query, and waits for it to start: more than the hop saved.)
-    Alarms are due in the order they are set (the limit is the same for all), and almost every one
-    is disarmed long before it is due, so the thread wakes about once per limit under load."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._alarms: deque[_Alarm] = deque()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, seconds: float, stopper: Stopper, error: QueryError) -> _Alarm:
-        alarm = _Alarm(time.monotonic() + seconds, stopper, error)
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="inline-watchdog", daemon=True)
-                self._thread.start()
-            self._alarms.append(alarm)
-            if len(self._alarms) == 1:
-                self._cond.notify()
-        return alarm
-
-    def disarm(self, alarm: _Alarm) -> bool:
-        """False when the alarm went off first (its stop is under way, or done)."""
-        with self._cond:
-            armed, alarm.armed = alarm.armed, False
-        return armed
-
-    def _watch(self) -> None:
-        with self._cond:
-            while True:
-                while self._alarms and not self._alarms[0].armed:
-                    self._alarms.popleft()
-                if not self._alarms:
-                    self._cond.wait()
-                    continue
-                left = self._alarms[0].at - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                alarm = self._alarms.popleft()
-                if alarm.armed:
-                    alarm.armed = False
-                    self._cond.release()
-                    try:
-                        alarm.stopper.stop(alarm.error)
-                    finally:
-                        self._cond.acquire()
-
-
-WATCHDOG = Watchdog()
 
 
 def attempt_inline(run: Callable[[Stopper], T], stopper: Stopper, limit: float) -> T | None:
@@ -145,7 +87,7 @@ def attempt_inline(run: Callable[[Stopper], T], stopper: Stopper, limit: float) 
         attempt.stop(stopper.error or too_slow)
 
     remove = stopper.on_stop(follow)
-    alarm = WATCHDOG.arm(limit, attempt, too_slow)
+    alarm = WATCHDOG.arm(time.monotonic() + limit, attempt, too_slow)
     try:
         result = run(attempt)
     except QueryError as e:

@@ -16,7 +16,7 @@ import pytest
 from spiced.config import load_config
 from spiced.engine import Engine
 from spiced.errors import QueryError
-from spiced.interrupt import Interrupted, Stopped, Stopper
+from spiced.interrupt import Interrupted, Stopped, Stopper, Watchdog, bounded_call
 from spiced.metrics import Metrics
 from tests.support import write_pod
 
@@ -152,3 +152,40 @@ def test_an_interrupt_never_goes_off_outside_the_call(engine: Engine) -> None:
     finally:
         stoppers.put(None)
     assert ended["interrupted mid-call"] > 0, ended  # the race was exercised
+
+
+def test_the_watchdog_stops_each_query_at_its_own_time() -> None:
+    watchdog, start = Watchdog(), time.monotonic()
+    stopped: list[tuple[str, float]] = []
+    for name, after in (("c", 0.3), ("a", 0.1), ("b", 0.2), ("never", 0.15)):
+        stopper = Stopper()
+        stopper.on_stop(lambda name=name: stopped.append((name, time.monotonic() - start)))
+        alarm = watchdog.arm(start + after, stopper, cancelled())
+        if name == "never":
+            assert watchdog.disarm(alarm)
+    time.sleep(0.6)
+    assert [name for name, _ in stopped] == ["a", "b", "c"]
+    assert all(at >= after for (_, at), after in zip(stopped, (0.1, 0.2, 0.3), strict=True))
+    assert not watchdog.disarm(alarm)  # an alarm already disarmed stays so
+    assert [t.name for t in threading.enumerate()].count("query-watchdog") >= 1
+
+
+def test_disarmed_alarms_do_not_pile_up() -> None:
+    """Time limits are long and almost every query ends first: their alarms must not be kept until due."""
+    watchdog = Watchdog()
+    for _ in range(10_000):
+        watchdog.disarm(watchdog.arm(time.monotonic() + 3600, Stopper(), cancelled()))
+    assert watchdog.pending() <= 200
+
+
+def test_a_bounded_call_is_stopped_at_its_deadline() -> None:
+    def spin() -> None:
+        while True:
+            time.sleep(0.001)
+
+    stopper, began = Stopper(), time.monotonic()
+    with pytest.raises(Stopped):
+        bounded_call(stopper, began + 0.2, QueryError("timed out", kind="timeout"), spin)
+    assert 0.2 <= time.monotonic() - began < 2
+    assert stopper.error is not None and stopper.error.kind == "timeout"
+    assert bounded_call(Stopper(), time.monotonic() + 5, cancelled(), lambda: 7) == 7

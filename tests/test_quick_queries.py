@@ -87,7 +87,7 @@ def test_inline_attempts_share_one_watchdog_thread(engine: Engine) -> None:
     for _ in range(200):  # a thread per attempt (threading.Timer) would cost more than the hop it saves
         attempt_inline(lambda stopper: list(engine.execute(SMALL, stopper=stopper)), Stopper(), 0.05)
         assert threading.active_count() == threads
-    assert [t.name for t in threading.enumerate()].count("inline-watchdog") == 1
+    assert [t.name for t in threading.enumerate()].count("query-watchdog") == 1
 
 
 def test_an_attempt_that_returns_is_never_stopped_after(engine: Engine) -> None:
