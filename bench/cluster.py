@@ -68,7 +68,7 @@ def tls_cluster(work: Path) -> Iterator[Client]:
     # --preload: the runtime's scheduler lives in the spiced process, where this is already imported.
     procs = [subprocess.Popen([DASK, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
                                "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file),
-                               "--preload", "spiced.cluster.execution", *tls], stdout=logs, stderr=subprocess.STDOUT)]
+                               "--preload", "spiced.cluster.partitions", *tls], stdout=logs, stderr=subprocess.STDOUT)]
     try:
         while not scheduler_file.exists():
             if procs[0].poll() is not None:

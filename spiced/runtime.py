@@ -170,7 +170,7 @@ class Runtime:
                                                    self.config.workdir)
         from .cluster.execution import ClusterExecutor
 
-        executor = ClusterExecutor(self.state.cluster.client)
+        executor = ClusterExecutor(self.state.cluster.client, threads=self.state.cluster.threads)
         # A synchronous client: off the loop that runs the scheduler.
         await asyncio.to_thread(executor.prepare)
         engine.cluster = executor

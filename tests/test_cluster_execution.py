@@ -26,7 +26,9 @@ import pytest
 from datafusion import ExecutionPlan, SessionContext
 from distributed import Client, Worker, get_task_stream
 
-from spiced.cluster.execution import PLUGIN_NAME, ClusterExecutor, DataFusionExecutor, DistributedQuery, split_plan
+from spiced.cluster.execution import ClusterExecutor, DistributedQuery
+from spiced.cluster.partitions import PLUGIN_NAME, DataFusionExecutor
+from spiced.cluster.stages import split_plan
 from spiced.config import load_config
 from spiced.engine import Engine
 from spiced.errors import QueryError
@@ -169,7 +171,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # The runtime's scheduler runs in the spiced process, where this module is already imported;
     # a bare `dask scheduler` would import it (about 0.1 s) when the first stage arrives.
     procs = [_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-                     "--scheduler-file", str(scheduler_file), "--preload", "spiced.cluster.execution"],
+                     "--scheduler-file", str(scheduler_file), "--preload", "spiced.cluster.partitions"],
                     work / "scheduler.log")]
     cluster = None
     try:

@@ -52,6 +52,10 @@ class ClusterNode:
         return tuple(ExecutorInfo(ws.address, str(ws.name), ws.nthreads, _STATUS.get(ws.status.name, "Initializing"))
                      for ws in sorted(self._scheduler.workers.values(), key=lambda ws: ws.address))
 
+    def threads(self) -> dict[str, int]:
+        """Each registered executor's address → its threads (callable from any thread, no round trip)."""
+        return {ws.address: ws.nthreads for ws in list(self._scheduler.workers.values())}
+
     async def wait_for_executors(self, count: int, timeout: float) -> None:
         """Until `count` executors are registered (TimeoutError after `timeout` seconds)."""
         async with asyncio.timeout(timeout):

@@ -1,5 +1,5 @@
 """Protobuf's wire format, just enough to find and replace a nested message in a serialized
-DataFusion plan (spiced/cluster/execution.py): DataFusion's Python binding serializes and decodes
+DataFusion plan (spiced/cluster/stages.py): DataFusion's Python binding serializes and decodes
 physical plans but offers no way to edit one, and its .proto files are not shipped with it.
 """
 
