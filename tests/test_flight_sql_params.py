@@ -80,6 +80,11 @@ def test_adbc_parameter_schema(conn: dbapi.Connection) -> None:
         cur.adbc_prepare("SELECT * FROM trips WHERE id = ? AND city = ? AND fare < $3")
         assert pa.schema(cur.adbc_statement.get_parameter_schema()) == pa.schema(
             [("$1", pa.int64()), ("$2", pa.string()), ("$3", pa.float64())])
+        # Literals above the placeholder (count(*) is count(Int64(1))) do not hide it.
+        cur.adbc_prepare("SELECT city, count(*) AS n FROM trips WHERE id >= ? GROUP BY city")
+        assert pa.schema(cur.adbc_statement.get_parameter_schema()) == pa.schema([("$1", pa.int64())])
+        cur.adbc_prepare("SELECT id + 1 AS next FROM trips WHERE id = $1 LIMIT 5")
+        assert pa.schema(cur.adbc_statement.get_parameter_schema()) == pa.schema([("$1", pa.int64())])
         cur.adbc_prepare("SELECT $name AS n, ? AS untyped")  # no type to infer: Null
         assert pa.schema(cur.adbc_statement.get_parameter_schema()) == pa.schema(
             [("$1", pa.null()), ("$name", pa.null())])

@@ -254,6 +254,7 @@ class _PlanWalk:
     for everything it exposes without arguments (expressions, sort keys, subqueries…)."""
 
     _NOT_CHILDREN = frozenset({"input", "inputs", "schema", "to_variant"})
+    _LEAVES = frozenset({"Literal", "Column", "ScalarVariable", "Wildcard"})  # no placeholder inside
     _MAX_CALLS = 20_000
 
     def __init__(self) -> None:
@@ -266,7 +267,10 @@ class _PlanWalk:
             self.plan(child)
 
     def _expr(self, expr: Any) -> None:
-        if expr.variant_name() == "Placeholder":
+        kind = expr.variant_name()
+        if kind in self._LEAVES:
+            return
+        if kind == "Placeholder":
             placeholder = expr.to_variant()
             field = placeholder.field()
             if self.types.get(placeholder.id()) is None:
@@ -291,7 +295,8 @@ class _PlanWalk:
                 value = getattr(node, name)()
             except Exception:  # needs arguments, or does not apply to this node
                 continue
-            self._value(value)
+            if type(value) is not type(node):  # a conversion (Literal.into_type), not a child: it would recurse
+                self._value(value)
 
     def _value(self, value: Any) -> None:
         if isinstance(value, (list, tuple)):
