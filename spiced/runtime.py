@@ -38,6 +38,7 @@ from .state import RuntimeState
 from .tls.expiry import monitor_for
 
 if TYPE_CHECKING:
+    from .jobs import Jobs
     from .tls.cluster import ClusterTls
 
 log = logging.getLogger("runtime")
@@ -58,6 +59,7 @@ class Runtime:
         self._front: Any = None
         self._private_dir: Path | None = None
         self._cluster_tls: ClusterTls | None = None
+        self._jobs: Jobs | None = None  # a scheduler's async queries (/v1/queries), cancelled by _drain
 
     # ------------------------------------------------------------------ entry
 
@@ -121,8 +123,8 @@ class Runtime:
         self._start_flight()
         http_sock = self._sockets["http"]
         self._tasks.append(asyncio.create_task(self._guard("http", serve(
-            create_app(state), http_sock, tls.listener_context("http") if tls else None, self._http_shutdown,
-            graceful_timeout=DRAIN_SECONDS))))
+            create_app(state, self._new_jobs()), http_sock, tls.listener_context("http") if tls else None,
+            self._http_shutdown, graceful_timeout=DRAIN_SECONDS))))
         self._listening("http", display_address(http_sock), "runtime.http", "HTTP")
         self.metrics.http_server_started.add(1)
         if "metrics" in self._sockets:
@@ -174,6 +176,14 @@ class Runtime:
         # A synchronous client: off the loop that runs the scheduler.
         await asyncio.to_thread(executor.prepare)
         engine.cluster = executor
+
+    def _new_jobs(self) -> Jobs | None:
+        if self.state.cluster is None:
+            return None
+        from .jobs import Jobs
+
+        self._jobs = Jobs.from_env(self.state.engine)
+        return self._jobs
 
     def _listening(self, name: str, address: str, logger: str, label: str) -> None:
         endpoint = self.state.endpoints[name]
@@ -251,6 +261,8 @@ class Runtime:
         self.state.engine.datasets.stop()
         flight_done = asyncio.create_task(self._stop_flight())
         listeners = [t for t in self._tasks if not t.done()]
+        if self._jobs is not None:  # running async queries are cancelled, not drained
+            listeners.append(asyncio.create_task(asyncio.to_thread(self._jobs.close, DRAIN_SECONDS)))
         done, pending = await asyncio.wait([flight_done, *listeners], timeout=DRAIN_SECONDS + 1)
         for t in pending:
             t.cancel()

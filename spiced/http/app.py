@@ -4,9 +4,11 @@
 Request path through the API: BodyDrain (keep-alive safety) → RequestObserver (metrics, access
 log) → ClientCertGate → ApiKeyGate → route. `/v1/sql` is in spiced/http/sql.py, the active-query
 routes (`/v1/sql/active`, `/v1/sql/{query_id}/cancel`) in spiced/http/queries.py, the rest in
-spiced/http/routes.py. Unknown paths answer 404 and known paths with the wrong method 405 with an
-`Allow` header, both with an empty body. Upstream endpoints this runtime does not serve yet (NSQL,
-search, the async query API, which the official SDKs call) answer 404 with a JSON body saying so.
+spiced/http/routes.py, the async query API (`/v1/queries…`, a scheduler's) in
+spiced/http/async_queries.py. Unknown paths answer 404 and known paths with the wrong method 405
+with an `Allow` header, both with an empty body. Upstream endpoints this runtime does not serve yet
+(NSQL, search, which the official SDKs call) answer 404 with a JSON body saying so; the async query
+API on a runtime that is not a scheduler answers 503, as upstream.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..jobs import Jobs
 from ..state import RuntimeState
-from . import queries, routes
+from . import async_queries, queries, routes
 from .drain import BodyDrain
 from .gates import ApiKeyGate, ClientCertGate
 from .observe import RequestObserver
@@ -29,7 +32,6 @@ NOT_SERVED_ROUTE = "not_served"
 NOT_SERVED = {  # upstream endpoint → what it needs; answered 404 {"message": ...} (the SDKs show it)
     "/v1/nsql": "natural-language queries need models",
     "/v1/search": "search needs embeddings",
-    "/v1/queries": "the async query API is cluster mode's",
 }
 
 
@@ -54,8 +56,9 @@ def _starlette(route_list: list[Route], middleware: list[Middleware], state: Run
     return app
 
 
-def create_app(state: RuntimeState) -> Starlette:
-    return _starlette(
+def create_app(state: RuntimeState, jobs: Jobs | None = None) -> Starlette:
+    """`jobs`: a scheduler's async queries (spiced.runtime owns them); without, /v1/queries answers 503."""
+    app = _starlette(
         [
             Route("/health", routes.health, methods=["GET"]),
             Route("/v1/ready", routes.ready, methods=["GET"]),
@@ -68,14 +71,16 @@ def create_app(state: RuntimeState) -> Starlette:
             Route("/v1/datasets/{name}/acceleration", routes.acceleration, methods=["PATCH"]),
             Route("/v1/status", routes.status, methods=["GET"]),
             Route("/v1/spicepods", routes.spicepods, methods=["GET"]),
-            Route("/v1/openapi.json", routes.openapi, methods=["GET"]),
+            Route("/v1/openapi.json", routes.openapi if jobs is None else async_queries.openapi, methods=["GET"]),
+            *async_queries.routes(None if jobs is not None else NOT_SERVED_ROUTE),
             *(_not_served(path, why) for path, why in NOT_SERVED.items()),
-            _not_served("/v1/queries/{rest:path}", NOT_SERVED["/v1/queries"]),
         ],
         [Middleware(RequestObserver, state=state), Middleware(ClientCertGate, state=state),
          Middleware(ApiKeyGate, state=state)],
         state,
     )
+    app.state.jobs = jobs
+    return app
 
 
 async def _metrics_health(request: Request) -> Response:

@@ -22,7 +22,7 @@ _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "str
          "description": "Dataset name (matched case-insensitively)"}
 
 _PARAMETER = {"nullable": True, "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
-_SQL_REQUEST = {"type": "object", "required": ["sql"], "properties": {
+_SQL_REQUEST: dict[str, Any] = {"type": "object", "required": ["sql"], "properties": {
     "sql": {"type": "string"},
     "parameters": {"anyOf": [{"type": "array", "items": _PARAMETER},
                              {"type": "object", "additionalProperties": _PARAMETER}]}}}
@@ -172,3 +172,117 @@ OPENAPI: dict[str, Any] = {
         "bearer": {"type": "http", "scheme": "bearer"}}},
     "security": [{}, {"apiKey": []}, {"bearer": []}],
 }
+
+# ------------------------------------------------------------------ the async query API (a scheduler's)
+
+_JOB_STATUS = {"type": "string", "enum": ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "CLOSED"]}
+_JOB_ERROR = {"type": "object", "required": ["error_code", "message"], "properties": {
+    "error_code": {"type": "string", "enum": ["SCHEDULER_UNAVAILABLE", "SUBMISSION_FAILED", "EXECUTION_FAILED",
+                                              "FETCHING_RESULTS_FAILED", "CANCELLED", "PARAMETER_BINDING_FAILED",
+                                              "NOT_FOUND", "INTERNAL", "TIMEOUT"]},
+    "message": {"type": "string"}, "sql_state": {"type": "string"}}}
+_CHUNK = {"type": "object", "required": ["chunk_index", "row_offset", "row_count", "data_array"], "properties": {
+    "chunk_index": {"type": "integer", "minimum": 0}, "row_offset": {"type": "integer", "minimum": 0},
+    "row_count": {"type": "integer", "minimum": 0}, "next_chunk_index": {"type": "integer", "minimum": 1},
+    "next_chunk_url": {"type": "string"}, "data_array": _ROWS}}
+_MANIFEST = {"type": "object", "required": ["format", "schema", "total_row_count", "total_chunk_count"], "properties": {
+    "format": {"type": "string", "enum": ["ARROW_IPC"]},
+    "schema": {"type": "object", "required": ["column_count", "columns"], "properties": {
+        "column_count": {"type": "integer", "minimum": 0},
+        "columns": _list_of({"name": {"type": "string"}, "type_name": {"type": "string"},
+                             "nullable": {"type": "boolean"}, "position": {"type": "integer", "minimum": 0}},
+                            ["name", "type_name", "nullable", "position"])}},
+    "total_row_count": {"type": "integer", "minimum": 0}, "total_chunk_count": {"type": "integer", "minimum": 0}}}
+_QUERY = {"type": "object", "required": ["query_id", "status", "created_at"], "properties": {
+    "query_id": {"type": "string"}, "status": _JOB_STATUS, "error": _JOB_ERROR, "manifest": _MANIFEST,
+    "result": _CHUNK, "created_at": {"type": "string"}, "started_at": {"type": "string"},
+    "completed_at": {"type": "string"}, "expires_at": {"type": "string"}}}
+_QUERY_ID = {"name": "query_id", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "Query ID (`01ABC-DEF-456-7890AB`)"}
+_BAD_ID = {"description": "`Invalid job ID format: <id>`", "content": _ERROR}
+_UNKNOWN = {"description": "`Job <id> not found` (or submitted by another principal)", "content": _ERROR}
+_EXPIRED = {"description": "`Job <id> results have expired`, or the query was cancelled", "content": _ERROR}
+_NOT_SCHEDULER = {"description": "Not a scheduler: `Async queries API requires distributed mode …`", "content": _ERROR}
+_ROWS_OF = {"200": {"description": "A result chunk", "content": {"application/json": {"schema": _CHUNK}}}}
+
+ASYNC_QUERY_PATHS: dict[str, Any] = {
+    "/v1/queries": {
+        "post": {
+            "summary": "Submit a SQL query for asynchronous execution on the cluster",
+            "description": "Parameters bind as on /v1/sql; ones that cannot be bound fail the query with "
+                           "PARAMETER_BINDING_FAILED. `timeout_seconds` (0: none) fails it with TIMEOUT; results "
+                           "over `maximum_size` bytes (256 MiB when absent) fail it. Results are kept 12 hours.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["sql"], "properties": {
+                    **_SQL_REQUEST["properties"],
+                    "timeout_seconds": {"type": "integer", "minimum": 0, "nullable": True},
+                    "maximum_size": {"type": "integer", "minimum": 0, "nullable": True}}}}}},
+            "responses": {
+                "202": {"description": "Accepted", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["query_id", "status", "status_url", "results_url"], "properties": {
+                        "query_id": {"type": "string"}, "status": _JOB_STATUS, "error": _JOB_ERROR,
+                        "status_url": {"type": "string"}, "results_url": {"type": "string"}}}}}},
+                "400": {"description": "JSON that does not parse, or a bad Cache-Control", "content": _TEXT},
+                "401": _UNAUTHORIZED,
+                "413": {"description": "Body over 2 MiB", "content": _TEXT},
+                "415": {"description": "Not `Content-Type: application/json`", "content": _TEXT},
+                "422": {"description": "JSON of the wrong shape", "content": _TEXT},
+                "503": _NOT_SCHEDULER}},
+        "get": {
+            "summary": "The caller's queries that have not expired, newest first",
+            "parameters": [
+                {"name": "status", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "queued|pending, running, completed|succeeded, failed, cancelled, closed "
+                                "(anything else: no filter)"},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0, "default": 100}}],
+            "responses": {
+                "200": {"description": "Queries", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["queries", "total_count"], "properties": {
+                        "queries": _list_of({"query_id": {"type": "string"}, "status": _JOB_STATUS,
+                                             "sql_preview": {"type": "string"}, "created_at": {"type": "string"}},
+                                            ["query_id", "status", "sql_preview", "created_at"]),
+                        "total_count": {"type": "integer", "minimum": 0}}}}}},
+                "400": {"description": "Bad query string", "content": _TEXT},
+                "401": _UNAUTHORIZED, "503": _NOT_SCHEDULER}}},
+    "/v1/queries/{query_id}": {"get": {
+        "summary": "A query's status, result manifest and first chunk", "parameters": [_QUERY_ID],
+        "responses": {"200": {"description": "The query", "content": {"application/json": {"schema": _QUERY}}},
+                      "400": _BAD_ID, "401": _UNAUTHORIZED, "404": _UNKNOWN, "410": _EXPIRED,
+                      "503": _NOT_SCHEDULER}}},
+    "/v1/queries/{query_id}/status": {"get": {
+        "summary": "A query's status", "parameters": [_QUERY_ID],
+        "responses": {"200": {"description": "Status", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["status"], "properties": {"status": _JOB_STATUS, "error": _JOB_ERROR}}}}},
+            "400": _BAD_ID, "401": _UNAUTHORIZED, "404": _UNKNOWN, "410": _EXPIRED, "503": _NOT_SCHEDULER}}},
+    "/v1/queries/{query_id}/results": {"get": {
+        "summary": "A chunk of a finished query's results", "parameters": [
+            _QUERY_ID,
+            {"name": "partition", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+             "description": "Chunk index (default 0)"},
+            {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["json"]}}],
+        "responses": {**_ROWS_OF, "400": {"description": "Bad id, query string or format", "content": _ERROR},
+                      "401": _UNAUTHORIZED, "404": _UNKNOWN, "410": _EXPIRED,
+                      "425": {"description": "`Query not yet complete (status: RUNNING)`", "content": _ERROR},
+                      "500": {"description": "`Query execution failed` (the query failed)", "content": _ERROR},
+                      "503": _NOT_SCHEDULER}}},
+    "/v1/queries/{query_id}/results/chunks/{chunk_index}": {"get": {
+        "summary": "One chunk of a finished query's results", "parameters": [
+            _QUERY_ID, {"name": "chunk_index", "in": "path", "required": True,
+                        "schema": {"type": "integer", "minimum": 0}}],
+        "responses": {**_ROWS_OF, "400": {"description": "Bad id or chunk index", "content": _ERROR},
+                      "401": _UNAUTHORIZED, "404": {"description": "Unknown query or chunk", "content": _ERROR},
+                      "409": {"description": "`Query not yet complete (status: RUNNING)`", "content": _ERROR},
+                      "410": _EXPIRED,
+                      "500": {"description": "`Query execution failed` (the query failed)", "content": _ERROR},
+                      "503": _NOT_SCHEDULER}}},
+    "/v1/queries/{query_id}/cancel": {"post": {
+        "summary": "Cancel a pending or running query (a finished one is returned unchanged)",
+        "parameters": [_QUERY_ID],
+        "responses": {"200": {"description": "The query", "content": {"application/json": {"schema": _QUERY}}},
+                      "400": _BAD_ID, "401": _UNAUTHORIZED, "404": _UNKNOWN, "410": _EXPIRED,
+                      "413": {"description": "Body over 2 MiB", "content": _TEXT}, "503": _NOT_SCHEDULER}}},
+}
+
+# What a scheduler serves (`/v1/openapi.json` there); other runtimes answer these routes 503.
+OPENAPI_SCHEDULER: dict[str, Any] = {**OPENAPI, "paths": {**OPENAPI["paths"], **ASYNC_QUERY_PATHS}}
