@@ -48,6 +48,8 @@ from .results_cache import (
     CacheSettings,
     CacheStatus,
     Entry,
+    KnownPlan,
+    KnownPlans,
     ResultsCache,
     not_cached,
 )
@@ -84,6 +86,7 @@ class Engine:
         self.store = ArrowStore(self.ctx)
         self.federation = Federation(self.ctx, spicepod, session_config)
         self.cache = ResultsCache(cache, metrics) if cache is not None and cache.enabled else None
+        self._known_plans = KnownPlans()
         self.datasets = Datasets(spicepod, self.ctx, self.store, self.federation, metrics, session_config,
                                  on_loaded=self.cache.invalidate if self.cache is not None else None)
         self._loop = WaitLoop()
@@ -160,9 +163,15 @@ class Engine:
         stopper = stopper or Stopper()
         if self.cluster is not None:
             self._fit_partitions()
-        df = self.plan(sql, params)
         deadline = Deadline(timeout, self._loop.get()) if timeout is not None else None
-        cached = self._cached(df, sql, params, cache) if self.cache is not None and cache is not None else None
+        version = self.catalog_version  # before planning: a plan made while it changes is never reused
+        if self.cache is not None and cache is not None and (known := self._known_hit(version, sql, params, cache)):
+            schema, status, entry = known
+            result = QueryStream(schema, iter(entry.batches), deadline, stopper)
+            result.cache_status = status
+            return result
+        df = self.plan(sql, params)
+        cached = self._cached(version, df, sql, params, cache) if self.cache is not None and cache is not None else None
         if cached is not None and cached.hit is not None:
             result = QueryStream(df.schema(), iter(cached.hit.batches), deadline, stopper)
             result.cache_status = cached.status
@@ -173,7 +182,20 @@ class Engine:
             result.keep(cached.store, cached.limit)
         return result
 
-    def _cached(self, df: DataFrame, sql: str, params: Params | None, request: CacheRequest) -> _Cached | None:
+    def _known_hit(self, version: int, sql: str, params: Params | None,
+                   request: CacheRequest) -> tuple[pa.Schema, CacheStatus, Entry] | None:
+        """A cached result for a query planned before at this catalog version, found without planning it."""
+        assert self.cache is not None
+        known = self._known_plans.get(version, sql, params)
+        if known is None:
+            return None
+        lookup = self.cache.hit(self.cache.key(request, sql, known.text, params), request)
+        if lookup is None or lookup.entry is None:
+            return None
+        return known.schema, lookup.status, lookup.entry
+
+    def _cached(self, version: int, df: DataFrame, sql: str, params: Params | None,
+                request: CacheRequest) -> _Cached | None:
         """The cache's answer for a cacheable query (None: the cache does not apply to it)."""
         assert self.cache is not None
         plan = df.logical_plan()
@@ -188,6 +210,7 @@ class Engine:
         # (information_schema) is never a dataset.
         if any(dataset_name(*ref) not in self._cacheable for ref in scanned(text)):
             return None
+        self._known_plans.put(version, sql, params, KnownPlan(text, df.schema()))
         key = self.cache.key(request, sql, text, params)
         lookup = self.cache.lookup(key, request)
         if lookup.entry is None and request.only_if_cached:

@@ -84,6 +84,23 @@ def test_a_repeat_is_a_hit_with_upstream_headers_until_the_ttl(rt: Runtime) -> N
     assert status(post(rt, sql)) == "MISS"
 
 
+def test_each_query_is_one_lookup_and_parameters_tell_repeats_apart(rt: Runtime) -> None:
+    """A repeat is answered from the plan the query had (spiced.results_cache.KnownPlans), not planned
+    again: still one lookup per query in the metrics, and still told apart by its parameter values."""
+    def query(low: int) -> httpx.Response:
+        return httpx.post(rt.http_url + "/v1/sql", timeout=30, json={
+            "sql": "SELECT count(*) AS n FROM trips WHERE id >= $1 AND fare >= 0", "parameters": [low]})
+
+    before = metric(rt, "results_cache_requests_total"), metric(rt, "results_cache_hits_total")
+    answers = [query(low) for low in (10, 20, 10, 20)]
+    assert [status(r) for r in answers] == ["MISS", "MISS", "HIT", "HIT"]
+    assert [r.json() for r in answers] == [[{"n": ROWS - 10}], [{"n": ROWS - 20}]] * 2
+    assert status(post(rt, "SELECT count(*) AS n FROM trips WHERE id >= 10 AND fare >= 0",
+                       Cache_Control="no-cache")) == "BYPASS"
+    after = metric(rt, "results_cache_requests_total"), metric(rt, "results_cache_hits_total")
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 2)
+
+
 def test_queries_over_no_dataset_or_the_catalog_are_not_cached(rt: Runtime) -> None:
     for sql in ("SELECT 1", "SELECT * FROM information_schema.tables", "EXPLAIN SELECT * FROM trips"):
         r = post(rt, sql)
