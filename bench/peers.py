@@ -30,10 +30,13 @@ shared machine; medians:
   byte (`%{time_starttransfer}`, the TLS handshake included), 1 warm-up and 3 rounds;
 - Flight small call: the 1-row DoGet p50 of ours over TLS against bench/bare_flight.py's pyarrow
   servers over native grpc+tls (one with a prebuilt table, one running the SQL with DataFusion),
-  the calls alternating.
+  the calls alternating;
+- results-cache hits, ours alone (the peers have none), on a second runtime whose cache is on: one
+  point lookup repeated, its req/s and server CPU per request at 16 connections (wrk, 10 s, 3 runs),
+  p50 on one connection, and its Flight DoGet p50 against bare pyarrow's prebuilt 1-row table.
 
 The figures are printed with the ratio ours / nginx→roapi and the issue's goals, each marked met
-or not. About 4 minutes (228 s measured on 2 shared cores).
+or not. About 5 minutes on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ SELECT1 = "SELECT 1"
 LOOKUP = "SELECT * FROM big WHERE id = {k}"
 GROUP_BY = "SELECT grp, count(*) AS n, sum(amount) AS total, avg(id) AS mean FROM big GROUP BY grp"
 MILLION = "SELECT id, grp, amount, label, ts, maybe FROM big LIMIT 1000000"
+CACHED = "SELECT * FROM big WHERE id = 4242"  # the same lookup every time: a results-cache hit
 ROUNDS = 3
 SELECT1_SECONDS, SHORT_SECONDS = 10, 4
 FLIGHT_CALLS = 400
@@ -74,14 +78,15 @@ NAMES = ("ours", "nginx", "roapi")
 TITLES = {"ours": "ours (TLS)", "nginx": "nginx (TLS) → roapi", "roapi": "roapi plaintext"}
 
 
-def spicepod(parquet: Path) -> str:
+def spicepod(parquet: Path, cache: bool = False) -> str:
+    caching = "item_ttl: 1h" if cache else "enabled: false"
     return f"""version: v1
 kind: Spicepod
 name: peers
 runtime:
   caching:
     sql_results:
-      enabled: false
+      {caching}
 datasets:
   - from: file:{parquet}
     name: big
@@ -346,9 +351,9 @@ def json_shapes(targets: dict[str, Target], ca: Path) -> list[str]:
     return notes
 
 
-def flight_small_calls(ours_uri: str, pki: Pki, parquet: Path) -> dict[str, float]:
-    """p50 (ms) of a 1-row DoGet over TLS: ours, bare pyarrow (a prebuilt table) and pyarrow running
-    the SQL with DataFusion (bench/bare_flight.py), the calls alternating."""
+def flight_small_calls(ours_uri: str, pki: Pki, parquet: Path, ours_sql: str = SELECT1) -> dict[str, float]:
+    """p50 (ms) of a 1-row DoGet over TLS: ours (`ours_sql`), bare pyarrow (a prebuilt table) and
+    pyarrow running the SQL with DataFusion (bench/bare_flight.py), the calls alternating."""
     roots = pki.ca.cert_pem
     bare = subprocess.Popen([sys.executable, "-m", "bench.bare_flight", str(parquet), str(pki.server.cert),
                              str(pki.server.key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -362,8 +367,9 @@ def flight_small_calls(ours_uri: str, pki: Pki, parquet: Path) -> dict[str, floa
         times: dict[str, list[float]] = {name: [] for name in clients}
         for i in range(50 + FLIGHT_CALLS):
             for name, client in clients.items():
+                ticket = flight.Ticket((ours_sql if name == "ours" else SELECT1).encode())
                 t0 = time.perf_counter()
-                client.do_get(flight.Ticket(SELECT1.encode())).read_all()
+                client.do_get(ticket).read_all()
                 if i >= 50:
                     times[name].append((time.perf_counter() - t0) * 1000)
         for client in clients.values():
@@ -405,6 +411,29 @@ def report(lines: list[Line], flight_p50: dict[str, float], notes: list[str]) ->
           "the `flight` section splits out the TLS cost")
     for note in notes:
         print(f"  note: {note}")
+
+
+def cached_hits(parquet: Path, pki: Pki, tmp: Path) -> list[str]:
+    """Ours alone (the peers have no results cache): a point lookup answered from the results cache,
+    with a runtime of its own whose cache is on. Its CPU per request is the issue's goal for a hit."""
+    with run_spiced(write_pod(tmp / "cached", spicepod(parquet, cache=True)), "--tls-enabled", "true",
+                    "--tls-certificate-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
+                    timeout=300) as rt:
+        target = Target(f"https://127.0.0.1:{rt.http_port}/v1/sql", [rt.proc.pid])
+        with httpx.Client(verify=str(pki.ca.cert), timeout=30) as http:
+            first = http.post(target.url, content=CACHED).headers.get("results-cache-status")
+            again = http.post(target.url, content=CACHED).headers.get("results-cache-status")
+        wrk(target.url, CACHED, conns=16, seconds=1)
+        busy = [_wrk_measure(CACHED, 16, SELECT1_SECONDS, cpu=True)("ours", target) for _ in range(ROUNDS)]
+        single = [_wrk_measure(CACHED, 1, SHORT_SECONDS)("ours", target) for _ in range(ROUNDS)]
+        flight_p50 = flight_small_calls(rt.flight_uri.replace("127.0.0.1", "localhost"), pki, parquet, CACHED)
+    rate, cpu = (statistics.median(r[k] for r in busy) for k in ("rate", "cpu_ms"))
+    p50 = statistics.median(r["p50_ms"] for r in single)
+    met = "met" if cpu <= 0.25 else "not met"
+    return [f"results cache ({first} then {again}): {CACHED!r} at 16 conns {rate:.0f} req/s, server CPU "
+            f"{cpu:.3f} ms per request (goal <= 0.25 ms: {met}); p50 on one conn {p50:.3f} ms; Flight DoGet "
+            f"p50 {flight_p50['ours']:.3f} ms against {flight_p50['bare']:.3f} ms for bare pyarrow's prebuilt "
+            f"1-row table (+{flight_p50['ours'] - flight_p50['bare']:.3f} ms)"]
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -456,6 +485,7 @@ def _run(parquet: Path, rows: int) -> None:
             flight_p50 = flight_small_calls(rt.flight_uri.replace("127.0.0.1", "localhost"), pki, parquet)
             runtime_warnings = [line for line in rt.logs() if re.search(r"\b(WARN|ERROR)\b", line)]
             notes += [f"runtime: {line}" for line in runtime_warnings[:5]]
+        notes += cached_hits(parquet, pki, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [

@@ -36,7 +36,6 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..auth import bearer_token
 from ..jobs import (
     PUBLIC_OWNER,
     Chunk,
@@ -50,14 +49,13 @@ from ..jobs import (
     JobView,
     is_job_id,
 )
-from ..results_cache import principal_of
-from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
+from .body import body_or_refusal
 from .encode_json import JsonEncoder
 from .gates import client_identity
 from .openapi import OPENAPI_SCHEDULER
-from .params import RequestError, _describe, _load, json_parameters
+from .params import RequestError, describe_json, json_parameters, load_json
 from .routes import json_response, runtime
-from .sql import http_cache_request
+from .sql import http_cache_request, principal
 from .values import BatchSql
 
 NOT_SCHEDULER: Final = ("Async queries API requires distributed mode with `runtime.scheduler.state_location` "
@@ -94,18 +92,18 @@ def parse_submit(body: bytes, content_type: str | None) -> JobSpec:
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise Rejected(415, "Expected request with `Content-Type: application/json`")
     try:
-        value = _load(body.decode("utf-8"))
+        value = load_json(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise Rejected(400, f"{_PARSE}{e}") from None
     except RequestError as e:
         raise Rejected(400, str(e)) from None
     if not isinstance(value, dict):
-        raise Rejected(422, f"{_DESERIALIZE}invalid type: {_describe(value)}, expected struct SubmitQueryRequest")
+        raise Rejected(422, f"{_DESERIALIZE}invalid type: {describe_json(value)}, expected struct SubmitQueryRequest")
     if "sql" not in value:
         raise Rejected(422, f"{_DESERIALIZE}missing field `sql`")
     sql = value["sql"]
     if type(sql) is not str:
-        raise Rejected(422, f"{_DESERIALIZE}sql: invalid type: {_describe(sql)}, expected a string")
+        raise Rejected(422, f"{_DESERIALIZE}sql: invalid type: {describe_json(sql)}, expected a string")
     try:
         sql.encode("utf-8")
     except UnicodeEncodeError:
@@ -125,7 +123,7 @@ def _u64_field(fields: dict[str, Any], name: str) -> int | None:
         return None
     if type(value) is int and 0 <= value <= _U64_MAX:
         return value
-    problem = f"invalid value: integer `{value}`" if type(value) is int else f"invalid type: {_describe(value)}"
+    problem = f"invalid value: integer `{value}`" if type(value) is int else f"invalid type: {describe_json(value)}"
     raise Rejected(422, f"{_DESERIALIZE}{name}: {problem}, expected u64")
 
 
@@ -303,21 +301,12 @@ def _endpoint(handler: Handler) -> Callable[[Request], Any]:
 def _owner(request: Request) -> str:
     """Whose jobs the caller may see: the API key the gate let in, else the verified client
     certificate (the results cache's principal), else everyone's `public`."""
-    state = runtime(request)
-    api_key = None
-    if state.api_keys.enabled:
-        api_key = request.headers.get("x-api-key") or bearer_token(request.headers.get("authorization"))
-    identity = client_identity(request.scope)
-    return principal_of(api_key, identity.fingerprint if identity else None) or PUBLIC_OWNER
+    return principal(request, runtime(request), client_identity(request.scope)) or PUBLIC_OWNER
 
 
 async def submit(request: Request, jobs: Jobs) -> Response:
-    try:
-        body = await read_body(request)
-    except BodyTooLarge:
-        return too_large()
-    except BodyTooSlow:
-        return too_slow()
+    if isinstance(body := await body_or_refusal(request), Response):
+        return body
     spec = parse_submit(body, request.headers.get("content-type"))
     try:
         cache = http_cache_request(request, runtime(request), client_identity(request.scope))
@@ -383,12 +372,8 @@ async def get_chunk(request: Request, jobs: Jobs) -> Response:
 
 
 async def cancel(request: Request, jobs: Jobs) -> Response:
-    try:
-        await read_body(request)  # ignored, as upstream
-    except BodyTooLarge:
-        return too_large()
-    except BodyTooSlow:
-        return too_slow()
+    if isinstance(refused := await body_or_refusal(request), Response):  # the body is ignored, as upstream
+        return refused
     return await _query_response(jobs.cancel(_job_id(request), _owner(request)), with_first_chunk=False)
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 DISCARD_BYTES = 16 * 1024 * 1024
@@ -72,3 +72,13 @@ def too_slow() -> PlainTextResponse:
 
 def too_large() -> PlainTextResponse:
     return PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413)
+
+
+async def body_or_refusal(request: Request) -> bytes | Response:
+    """The body, or the answer to a body too large or too slow to read."""
+    try:
+        return await read_body(request)
+    except BodyTooLarge:
+        return too_large()
+    except BodyTooSlow:
+        return too_slow()

@@ -52,14 +52,14 @@ def is_json_body(content_type: str | None) -> bool:
 
 def parse_sql_request(text: str) -> tuple[str, Params | None]:
     """The SQL text and its parameters (None when the body has none)."""
-    body = _load(text)
+    body = load_json(text)
     if not isinstance(body, dict):
-        raise RequestError(f"{_DESERIALIZE}invalid type: {_describe(body)}, expected an object with a `sql` field")
+        raise RequestError(f"{_DESERIALIZE}invalid type: {describe_json(body)}, expected an object with a `sql` field")
     if "sql" not in body:
         raise RequestError(f"{_DESERIALIZE}missing field `sql`")
     sql = body["sql"]
     if not isinstance(sql, str) or isinstance(sql, _HugeNumber):
-        raise RequestError(f"{_DESERIALIZE}sql: invalid type: {_describe(sql)}, expected a string")
+        raise RequestError(f"{_DESERIALIZE}sql: invalid type: {describe_json(sql)}, expected a string")
     parameters = body.get("parameters")
     return _utf8(sql), None if parameters is None else json_parameters(parameters)
 
@@ -89,7 +89,7 @@ def _scalar(value: Any) -> pa.Scalar:
     raise RequestError(NESTED)
 
 
-def _load(text: str) -> Any:
+def load_json(text: str) -> Any:
     try:
         return json.loads(text, parse_int=_integer, parse_float=_float, parse_constant=_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
@@ -120,7 +120,7 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _describe(value: Any) -> str:
+def describe_json(value: Any) -> str:
     """serde's words for an unexpected JSON value."""
     if value is None:
         return "null"

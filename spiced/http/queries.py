@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..queries import parse_query_id
-from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
+from .body import body_or_refusal
 from .routes import json_response, runtime
 
 
@@ -31,12 +31,8 @@ async def active(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     text = request.path_params["query_id"]
-    try:
-        await read_body(request)
-    except BodyTooLarge:
-        return too_large()
-    except BodyTooSlow:
-        return too_slow()
+    if isinstance(body := await body_or_refusal(request), Response):
+        return body
     try:
         query_id = parse_query_id(text)
     except ValueError as e:

@@ -27,7 +27,7 @@ from ..datasets.overrides import RefreshMode, RefreshOverrides
 from ..durations import seconds
 from ..state import RuntimeState
 from ..tls.expiry import CertificateFacts
-from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
+from .body import body_or_refusal
 from .openapi import OPENAPI
 
 REDACTED = "<redacted>"
@@ -136,15 +136,6 @@ def _dataset(state: RuntimeState, name: str) -> Dataset | None:
     return next((d for d in state.engine.spicepod.datasets if d.name.lower() == name.lower()), None)
 
 
-async def _body(request: Request) -> bytes | Response:
-    try:
-        return await read_body(request)
-    except BodyTooLarge:
-        return too_large()
-    except BodyTooSlow:
-        return too_slow()
-
-
 class BadRequest(ValueError):
     """A request field this runtime cannot act on; answered 400 with this text as `message`."""
 
@@ -228,7 +219,7 @@ async def refresh(request: Request) -> Response:
         return message(f"Dataset {name} not found", 404)
     if not ds.accelerated:
         return message(f"Dataset {name} does not have acceleration enabled", 400)
-    body = await _body(request)
+    body = await body_or_refusal(request)
     if isinstance(body, Response):
         return body
     try:
@@ -251,7 +242,7 @@ async def acceleration(request: Request) -> Response:
     ds = _dataset(state, name)
     if ds is None:
         return message(f"Dataset {name} not found", 404)
-    body = await _body(request)
+    body = await body_or_refusal(request)
     if isinstance(body, Response):
         return body
     fields = _json_object(body)

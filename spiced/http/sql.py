@@ -39,7 +39,7 @@ from ..quick import attempt_inline
 from ..results_cache import CacheRequest, CacheRequestError, parse_request, principal_of, response_headers
 from ..state import RuntimeState
 from ..tracker import QueryTracker, disconnected
-from .body import BodyTooLarge, BodyTooSlow, read_body, too_large, too_slow
+from .body import body_or_refusal
 from .encode import (
     COLLECTED,
     CONTENT_TYPES,
@@ -199,12 +199,8 @@ def read_query(body: bytes, content_type: str | None) -> tuple[str, Params | Non
 
 async def sql_endpoint(request: Request) -> Response:
     state: RuntimeState = request.app.state.runtime
-    try:
-        body = await read_body(request)
-    except BodyTooLarge:
-        return too_large()
-    except BodyTooSlow:
-        return too_slow()
+    if isinstance(body := await body_or_refusal(request), Response):
+        return body
     try:
         sql, params = read_query(body, request.headers.get("content-type"))
     except RequestError as e:
@@ -235,14 +231,19 @@ async def sql_endpoint(request: Request) -> Response:
 
 
 def http_cache_request(request: Request, state: RuntimeState, identity: ClientIdentity | None) -> CacheRequest:
-    """The results-cache request of an HTTP query; the principal is the API key the gate let in,
-    else the verified client certificate."""
+    """The results-cache request of an HTTP query, for its `principal`."""
     headers = request.headers
+    return parse_request(headers.get("cache-control"), headers.get("spice-cache-key"),
+                         principal(request, state, identity))
+
+
+def principal(request: Request, state: RuntimeState, identity: ClientIdentity | None) -> str | None:
+    """Whom a request's results belong to: the API key the gate let in, else the verified client
+    certificate; None for anyone."""
     api_key = None
     if state.api_keys.enabled:
-        api_key = headers.get("x-api-key") or bearer_token(headers.get("authorization"))
-    return parse_request(headers.get("cache-control"), headers.get("spice-cache-key"),
-                         principal_of(api_key, identity.fingerprint if identity else None))
+        api_key = request.headers.get("x-api-key") or bearer_token(request.headers.get("authorization"))
+    return principal_of(api_key, identity.fingerprint if identity else None)
 
 
 def failed(e: QueryError) -> Response:
