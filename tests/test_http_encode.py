@@ -253,8 +253,55 @@ def test_float_text_matches_arrow_rs_forms() -> None:
 
 
 def test_small_path_is_not_used_for_types_only_kernels_print() -> None:
-    assert small_rows_encoder(pa.schema([("t", pa.timestamp("s"))])) is None
+    assert small_rows_encoder(pa.schema([("t", pa.timestamp("s", tz="America/New_York"))])) is None
     assert small_rows_encoder(pa.schema([("f", pa.float32())])) is None
+
+
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799  # 0001-01-01T00:00:00, 9999-12-31T23:59:59
+_BEYOND = 6_000_000_000_000  # about year 192,000: arrow-rs prints it, Python's calendar cannot
+
+
+def _instants(per_second: int, beyond: bool) -> st.SearchStrategy[int | None]:
+    inside = st.integers(_FIRST_SECOND * per_second, _LAST_SECOND * per_second)
+    edges = st.sampled_from([0, -1, 1, 999, 1000, per_second, -per_second, _LAST_SECOND * per_second])
+    if not beyond:
+        return st.one_of(st.none(), inside, edges)
+    return st.one_of(st.none(), inside, edges, st.integers(_LAST_SECOND + 1, _BEYOND).map(lambda v: v * per_second))
+
+
+@st.composite
+def temporal_batches(draw: st.DrawFn) -> pa.RecordBatch:
+    """Every unit and zone the small path prints, and values past year 9999 (that batch goes to the
+    kernels: every value must print the same either way)."""
+    n, beyond = draw(st.integers(1, 12)), draw(st.booleans())
+
+    def column(values: st.SearchStrategy[int | None], t: pa.DataType) -> pa.Array:
+        return pa.array(draw(st.lists(values, min_size=n, max_size=n)), pa.int64()).cast(
+            pa.int32() if t.bit_width == 32 else pa.int64()).view(t)
+
+    def instants(per_second: int) -> st.SearchStrategy[int | None]:
+        return _instants(per_second, beyond)
+
+    ns = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))
+    return batch_of(
+        s=column(instants(1), pa.timestamp("s")), ms=column(instants(1000), pa.timestamp("ms")),
+        us=column(instants(10**6), pa.timestamp("us")), ns=column(ns, pa.timestamp("ns")),
+        utc=column(instants(10**6), pa.timestamp("us", tz="UTC")),
+        east=column(instants(1000), pa.timestamp("ms", tz="+05:30")),
+        west=column(instants(1), pa.timestamp("s", tz="-08:00")),
+        d32=column(st.one_of(st.none(), st.integers(-719_162, 2_932_896)), pa.date32()),  # years 1 to 9999
+        d64=column(instants(1000), pa.date64()),
+        t32=column(st.one_of(st.none(), st.integers(0, 86_399_999)), pa.time32("ms")),
+        t64=column(st.one_of(st.none(), st.integers(0, 86_399_999_999_999)), pa.time64("ns")),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(temporal_batches())
+def test_small_path_prints_temporal_values_as_the_kernels_do(batch: pa.RecordBatch) -> None:
+    assert small_rows_encoder(batch.schema) is not None
+    small = b"".join(bytes(c) for c in JsonEncoder(batch.schema).batch(batch))
+    assert small == kernel_rows(batch)[1:].encode()
 
 
 # ------------------------------------------------------------------ CSV

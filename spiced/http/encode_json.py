@@ -6,19 +6,22 @@ read exactly as upstream's arrow-json writes them) and assembles every row with 
 skips null fields, so they are omitted. The rows' text leaves as views of the Arrow buffers.
 bench/http_json.py compares this with DataFusion's own JSON writer on 1M rows.
 
-Small batches (a few hundred rows of ints, doubles, decimals, strings, nested values) skip the
-projection, whose planning would cost more than the rows: they are printed value by value with
-the same rules, and a test holds both paths to byte-identical output.
+Small batches (a few hundred rows of ints, doubles, decimals, strings, nested values, dates, times
+and timestamps) skip the projection, whose planning would cost more than the rows: they are printed
+value by value with the same rules (spiced/http/temporal.py for the temporal ones), and a test holds
+both paths to byte-identical output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
+from . import temporal
 from .values import (
     SMALL_ROWS,
     BatchSql,
@@ -103,9 +106,11 @@ class JsonEncoder:
 
     def batch(self, batch: pa.RecordBatch) -> list[bytes | memoryview]:
         """The rows' text; large batches as views of Arrow buffers (no copy on the way out)."""
+        chunks: list[Any] | None = None
         if batch.num_rows <= SMALL_ROWS and self._small is not None:
-            chunks: list[Any] = [self._small(batch).encode()] if batch.num_rows else []
-        else:
+            with contextlib.suppress(temporal.NotPrintable):
+                chunks = [self._small(batch).encode()] if batch.num_rows else []
+        if chunks is None:
             chunks = [value_bytes(rows) for start in range(0, batch.num_rows, SLICE_ROWS)
                       for rows in self.rows(batch.slice(start, SLICE_ROWS))]
         if self._first:
@@ -148,22 +153,34 @@ class JsonEncoder:
 # ------------------------------------------------------------------ small batches, value by value
 
 
-def _formatter(t: pa.DataType) -> Callable[[Any], str | None] | None:
-    """How one value of type `t` is printed on the small path, or None if only the kernels can."""
+Values = Callable[[pa.Array], list[Any]]
+
+
+def _to_python(column: pa.Array) -> list[Any]:
+    return column.to_pylist()
+
+
+def _formatter(t: pa.DataType) -> tuple[Callable[[Any], str | None], Values] | None:
+    """How the values of type `t` are read and each printed on the small path, or None if only the
+    kernels can print them."""
     kind = kind_of(t)
-    if kind == "number":
-        return number_formatter(t)
+    if kind == "number" and (fmt := number_formatter(t)) is not None:
+        return fmt, _to_python
     if kind == "text":
-        return lambda v: json.dumps(v, ensure_ascii=False)
+        return (lambda v: json.dumps(v, ensure_ascii=False)), _to_python
     if kind == "python" and not isinstance(t, pa.BaseExtensionType):
-        return json_text
-    return None  # temporal types, extension types
+        return json_text, _to_python
+    if kind == "temporal" and (printer := temporal.formatter(t)) is not None:
+        as_int = temporal.storage(t)
+        return (lambda v: '"' + printer(v) + '"'), (lambda column: column.view(as_int).to_pylist())
+    return None  # float32, named time zones, extension types
 
 
 def small_rows_encoder(schema: pa.Schema) -> Callable[[pa.RecordBatch], str] | None:
-    """The value-by-value printer for this schema, or None when some column needs the kernels."""
+    """The value-by-value printer for this schema, or None when some column needs the kernels. The
+    printer raises temporal.NotPrintable for a value only the kernels print."""
     keys: list[str] = []
-    formats: list[Callable[[Any], str | None] | None] = []
+    formats: list[tuple[Callable[[Any], str | None], Values] | None] = []
     for field in schema:
         keys.append(json.dumps(field.name, ensure_ascii=False) + ":")
         if pa.types.is_null(field.type):
@@ -175,9 +192,9 @@ def small_rows_encoder(schema: pa.Schema) -> Callable[[pa.RecordBatch], str] | N
         formats.append(fmt)
 
     def encode(batch: pa.RecordBatch) -> str:
-        columns = [(key, fmt, column.to_pylist())
-                   for key, fmt, column in zip(keys, formats, batch.columns, strict=False)
-                   if fmt is not None]
+        columns = [(key, spec[0], spec[1](column))
+                   for key, spec, column in zip(keys, formats, batch.columns, strict=False)
+                   if spec is not None]
         rows = []
         for r in range(batch.num_rows):
             fields = []
