@@ -331,20 +331,15 @@ def _as_query_error(start: Callable[[], T]) -> T:
 
 
 def _distributed(query: DistributedQuery, stopper: Stopper, deadline: Deadline | None) -> Iterator[pa.RecordBatch]:
-    """A query running on the cluster's executors, fetched through the query's `Stopper.call`: its
-    first batch (every stage done) bounded by the time limit, like a database's; its stages
-    cancelled however the stream ends."""
+    """A query running on the cluster's executors, fetched through the query's `Stopper.call` and
+    bounded by its time limit while it runs (waiting for a stage's partitions is its computing);
+    its stages cancelled however the stream ends."""
     alarm = None if deadline is None else WATCHDOG.arm(deadline.at, stopper, deadline.error())
     try:
-        first = next(query, None)
-        if alarm is not None:
-            WATCHDOG.disarm(alarm)
+        yield from query
         stats = query.stats
         cluster_log.debug("Query ran %d stage(s) as %d task(s) on %d executor(s); %d bytes came back",
                           stats.stages, stats.tasks, stats.executors, stats.bytes_received)
-        if first is not None:
-            yield first
-            yield from query
     finally:
         if alarm is not None:
             WATCHDOG.disarm(alarm)

@@ -6,6 +6,7 @@ and the cluster serves the next query."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -321,9 +322,9 @@ def stalled_executor(cluster: Cluster, name: str) -> Iterator[tuple[subprocess.P
             time.sleep(0.05)
 
 
-def started_on(cluster: Cluster, engine: Engine, address: str) -> DistributedQuery:
-    """GROUP_BY, started once some of its partitions are assigned to the executor at `address`."""
-    query = cluster.executor.execute(engine.ctx, GROUP_BY)
+def started_on(cluster: Cluster, engine: Engine, address: str, sql: str = GROUP_BY) -> DistributedQuery:
+    """`sql`, started once some of its partitions are assigned to the executor at `address`."""
+    query = cluster.executor.execute(engine.ctx, sql)
     assert query is not None
     deadline = time.monotonic() + 10
     while not cluster.client.processing([address])[address]:
@@ -345,6 +346,23 @@ def test_a_killed_executors_partitions_run_again_on_the_others(cluster: Cluster,
         proc.kill()  # mid-query: it holds partitions of the query
         assert rows(collect(query), False) == rows(engine.plan(GROUP_BY).to_arrow_table(), False)
     check_serving(cluster, engine)
+
+
+def test_a_one_stage_query_streams_partitions_as_they_are_done(cluster: Cluster, engine: Engine) -> None:
+    """A filtered projection is one stage: its first rows go out while a frozen executor still holds
+    some of its partitions; those run again elsewhere once it dies, and the rows add up."""
+    sql = "SELECT id, label FROM t WHERE id % 7 = 0"
+    assert (query := cluster.executor.execute(engine.ctx, sql)) is not None and query.split.whole
+    query.close()
+    with stalled_executor(cluster, "frozen") as (proc, address):
+        query = started_on(cluster, engine, address, sql)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batch = pool.submit(next, query).result(timeout=20)  # the other executors' partitions
+        assert batch.num_rows > 0 and query.futures[0], "every partition was done before the first rows"
+        proc.kill()
+        got = pa.Table.from_batches([batch, *query], schema=query.schema)
+    assert rows(got, False) == rows(engine.plan(sql).to_arrow_table(), False)
+    assert query.stats.bytes_received > 0
 
 
 def test_past_the_allowed_failures_the_query_fails_with_a_query_error(cluster: Cluster, engine: Engine) -> None:

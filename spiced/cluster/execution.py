@@ -21,8 +21,9 @@ scheduler, each stage is replaced in the serialized plan by an in-memory source 
 returned partitions one for one (partition i stays partition i, its batches in order), so the
 operators above it (final aggregates, joins, merges, sorts, limits) are DataFusion's own and see
 what they would have seen locally: the results are the single-node results, COUNT(DISTINCT) and
-AVG included. The scheduler waits for every stage partition before the first batch (a filtered
-projection too): results come back whole, not streamed.
+AVG included. A plan that is one stage (a filtered projection, a LIMIT) streams: each partition's
+rows go out as soon as that partition is done. Otherwise the scheduler waits for every stage
+partition before the first batch, as the operators above the stages need them all.
 
 Limits. A stage has the partitions DataFusion planned: the session's `target_partitions` (the
 scheduler's cores by default) splits the files, so a cluster with more executor threads than that
@@ -46,10 +47,12 @@ spiced/cluster/partitions.py. Here: sending the stages and gathering their resul
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -168,14 +171,54 @@ class DistributedQuery:
             self.executor.client.cancel(futures)
 
     def _run(self) -> Iterator[pa.RecordBatch]:
-        results = self._gather()
         if self.split.whole:
-            yield from (batch for table in results[0] if table is not None for batch in table.to_batches())
+            yield from self._as_done()
             return
+        results = self._gather()
         plan = final_plan(self.ctx, self.split, results)
         for partition in range(plan.partition_count):
             for batch in self.ctx.execute(plan, partition):
                 yield batch.to_pyarrow()
+
+    def _as_done(self) -> Iterator[pa.RecordBatch]:
+        """A plan that is one stage: each partition's rows as soon as that partition is done, in
+        the order they finish (its partitions have no order among them, as when DataFusion runs it
+        alone), each partition released once sent."""
+        done: queue.SimpleQueue[Future[pa.Table | None]] = queue.SimpleQueue()
+        stage = self.futures[0]  # the query's own list: a partition sent leaves it, and Dask forgets it
+        for future in stage:
+            future.add_done_callback(done.put)
+        try:
+            for _ in range(len(stage)):
+                future = self._next_done(done)
+                with suppress(ValueError):
+                    stage.remove(future)
+                try:
+                    table = self.executor.client.gather(future)
+                except Exception as e:
+                    if self._closed:
+                        break
+                    raise _query_error(e) from None
+                del future
+                if table is not None:
+                    self.stats.bytes_received += table.nbytes
+                    yield from table.to_batches()
+        finally:
+            self._release()
+        if self._closed:
+            raise QueryError("Cluster execution: the query was cancelled", kind="cancelled")
+
+    def _next_done(self, done: queue.SimpleQueue[Future[pa.Table | None]]) -> Future[pa.Table | None]:
+        """The next task to finish (in short waits, for interrupts), watching that executors remain."""
+        alone_since: float | None = None
+        while True:
+            if self._closed:
+                raise QueryError("Cluster execution: the query was cancelled", kind="cancelled")
+            try:
+                return done.get(timeout=0.5)
+            except queue.Empty:
+                pass
+            alone_since = self._check_executors(alone_since)
 
     def _gather(self) -> list[list[pa.Table | None]]:
         flat = [f for stage in self.futures for f in stage]
@@ -213,12 +256,17 @@ class DistributedQuery:
             future.add_done_callback(done)
         alone_since: float | None = None
         while not settled.wait(0.5):
-            if self.executor.threads():
-                alone_since = None
-                continue
-            alone_since = alone_since or time.monotonic()
-            if time.monotonic() - alone_since > self.executor.no_executors_grace:
-                raise QueryError("Cluster execution failed: no executor is left in the cluster", kind="unavailable")
+            alone_since = self._check_executors(alone_since)
+
+    def _check_executors(self, alone_since: float | None) -> float | None:
+        """While tasks wait: since when no executor is left (None: some are), and the query's
+        failure once that has lasted `no_executors_grace` seconds."""
+        if self.executor.threads():
+            return None
+        alone_since = alone_since or time.monotonic()
+        if time.monotonic() - alone_since > self.executor.no_executors_grace:
+            raise QueryError("Cluster execution failed: no executor is left in the cluster", kind="unavailable")
+        return alone_since
 
 
 def _query_error(e: Exception) -> QueryError:
