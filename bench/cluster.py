@@ -4,9 +4,11 @@ joined over mutual TLS (a throwaway PKI), run by spiced/cluster/execution.py: th
 stages (scans, filters, partial aggregates) on the executors, the rest on the scheduler.
 
 Both run on this machine, the executors with one task thread each, so both sides have its cores;
-the two take turns within each round. On one 2-core box a cluster cannot win: the figure is its
-overhead (scheduling, the Arrow results coming back over TLS, the final step). Printed: medians,
-the overhead, and the Arrow bytes the executors sent back per query.
+the two take turns within each round. Then the same queries go over HTTP through the real runtimes:
+`spiced` alone against `spiced --role scheduler` with two `spiced` executors. On one 2-core box a
+cluster cannot win: the figure is its overhead (scheduling, the Arrow results coming back over TLS,
+the final step). Printed: medians, the overhead, and the Arrow bytes the executors sent back per
+query.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from datafusion import SessionContext
 from distributed import Client, Security
+from pyarrow import ipc
 
 from bench.common import OUT, Row, big_table, report
 from spiced.cluster.execution import ClusterExecutor, ClusterStats
 from spiced.engine import session_config
-from tests.cluster_rig import stop_dask
+from tests.cluster_rig import make_pki, run_cluster, stop_dask
 from tests.pki import issue, make_ca
+from tests.support import run_spiced
 
 ROWS, FILES, ROUNDS = 20_000_000, 8, 7
 QUERIES = {
@@ -106,6 +111,57 @@ def distributed(executor: ClusterExecutor, ctx: SessionContext, sql: str) -> tup
     return pa.Table.from_batches(list(query), schema=query.schema), query.stats
 
 
+POD = """version: v1
+kind: Spicepod
+name: bench-cluster
+runtime:
+  caching:
+    sql_results:
+      enabled: false
+datasets:
+  - from: file:{folder}/
+    name: big
+    params:
+      file_format: parquet
+"""
+
+
+def http_arrow(http: httpx.Client, url: str, sql: str) -> pa.Table:
+    r = http.post(url + "/v1/sql", content=sql, headers={"Accept": "application/vnd.apache.arrow.stream"})
+    r.raise_for_status()
+    return ipc.open_stream(r.content).read_all()
+
+
+def through_runtimes(folder: Path, work: Path) -> list[Row]:
+    """The same queries over HTTP (`/v1/sql`, Arrow stream): `spiced` alone against `spiced --role
+    scheduler` with 2 executors (`spiced --scheduler-address`, a `spice cluster tls` PKI), the whole
+    path of a user's query; the two take turns in each round."""
+    pod = work / "pod"
+    pod.mkdir()
+    (pod / "spicepod.yaml").write_text(POD.format(folder=folder))
+    pki = make_pki(work / "pki", "scheduler1", "executor1", "executor2")
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    with run_spiced(pod, timeout=120) as single, run_cluster(work, pod, pki, ("executor1", "executor2")) as cluster, \
+            httpx.Client(timeout=300) as http:
+        print(f"runtimes (spiced alone; a scheduler and 2 executors) ready in {time.perf_counter() - t0:.1f} s")
+        for name, sql in QUERIES.items():
+            expected = sorted_rows(http_arrow(http, single.http_url, sql))
+            if not sorted_rows(http_arrow(http, cluster.scheduler.http_url, sql)).equals(expected):
+                print(f"  !! {name}: the scheduler's result differs from spiced alone")
+            alone, clustered = [], []
+            for _ in range(ROUNDS):
+                alone.append(timed(lambda sql=sql: http_arrow(http, single.http_url, sql)))
+                clustered.append(timed(lambda sql=sql: http_arrow(http, cluster.scheduler.http_url, sql)))
+            t_alone, t_cluster = statistics.median(alone), statistics.median(clustered)
+            rows.append(Row(f"{name} over HTTP: scheduler + 2 executors vs spiced alone (s)", t_cluster, t_alone,
+                            "s", f"report; overhead {1000 * (t_cluster - t_alone):+.0f} ms"))
+        ran = [line for line in cluster.scheduler.logs() if "Query ran" in line]
+        if not ran or "on 2 executor(s)" not in ran[-1]:
+            print(f"  !! the scheduler did not distribute the queries: {ran[-1:] or 'no Query ran line'}")
+    return rows
+
+
 def main() -> None:
     t0 = time.perf_counter()
     folder = dataset()
@@ -135,6 +191,7 @@ def main() -> None:
                 t_local, t_cluster = statistics.median(local), statistics.median(cluster)
                 rows.append(Row(f"{name}: cluster vs DataFusion alone (s)", t_cluster, t_local, "s",
                                 f"report; overhead {1000 * (t_cluster - t_local):+.0f} ms, first run {first:.3f} s"))
+        rows += through_runtimes(folder, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(f"Cluster: {ROWS:,} Parquet rows, 1 scheduler + 2 executors over mTLS vs one DataFusion process", rows)
