@@ -179,7 +179,8 @@ class Watchdog:
     before it is due; disarmed ones leave the heap when due, or all at once when they are most of
     it, so the thread wakes about once per due alarm, not per query."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "query-watchdog") -> None:
+        self._name = name
         self._cond = threading.Condition()
         self._alarms: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
@@ -191,7 +192,7 @@ class Watchdog:
         alarm = Alarm(at, stopper, error)
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="query-watchdog", daemon=True)
+                self._thread = threading.Thread(target=self._watch, name=self._name, daemon=True)
                 self._thread.start()
             heapq.heappush(self._alarms, (at, next(self._order), alarm))
             if self._alarms[0][2] is alarm:

@@ -155,7 +155,7 @@ def test_an_interrupt_never_goes_off_outside_the_call(engine: Engine) -> None:
 
 
 def test_the_watchdog_stops_each_query_at_its_own_time() -> None:
-    watchdog, start = Watchdog(), time.monotonic()
+    watchdog, start = Watchdog("test-watchdog"), time.monotonic()
     stopped: list[tuple[str, float]] = []
     for name, after in (("c", 0.3), ("a", 0.1), ("b", 0.2), ("never", 0.15)):
         stopper = Stopper()
@@ -167,12 +167,12 @@ def test_the_watchdog_stops_each_query_at_its_own_time() -> None:
     assert [name for name, _ in stopped] == ["a", "b", "c"]
     assert all(at >= after for (_, at), after in zip(stopped, (0.1, 0.2, 0.3), strict=True))
     assert not watchdog.disarm(alarm)  # an alarm already disarmed stays so
-    assert [t.name for t in threading.enumerate()].count("query-watchdog") >= 1
+    assert [t.name for t in threading.enumerate()].count("test-watchdog") >= 1
 
 
 def test_disarmed_alarms_do_not_pile_up() -> None:
     """Time limits are long and almost every query ends first: their alarms must not be kept until due."""
-    watchdog = Watchdog()
+    watchdog = Watchdog("test-watchdog")
     for _ in range(10_000):
         watchdog.disarm(watchdog.arm(time.monotonic() + 3600, Stopper(), cancelled()))
     assert watchdog.pending() <= 200
