@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datafusion import SessionContext
 
-from spiced.http.encode import coalesce
+from spiced.batches import coalesce
 from spiced.http.encode_json import JsonEncoder
 
 QUERY = """
