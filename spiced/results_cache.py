@@ -162,13 +162,11 @@ class ResultsCache:
         self._size = 0
         self._lock = threading.Lock()
         self._hits = self._requests = 0
-        m = metrics.meter
-        self._m_requests = m.create_counter("results_cache_requests", description="Results cache lookups.")
-        self._m_hits = m.create_counter("results_cache_hits", description="Results cache hits.")
-        self._m_misses = m.create_counter("results_cache_misses", description="Results cache misses.")
-        self._m_evictions = m.create_counter("results_cache_evictions", description="Results cache evictions.")
-        self._m_stale = m.create_counter("results_cache_stale_rejections",
-                                         description="Stale entries not served.")
+        self._m_requests = metrics.hot_counter("results_cache_requests", "Results cache lookups.")
+        self._m_hits = metrics.hot_counter("results_cache_hits", "Results cache hits.")
+        self._m_misses = metrics.hot_counter("results_cache_misses", "Results cache misses.")
+        self._m_evictions = metrics.hot_counter("results_cache_evictions", "Results cache evictions.")
+        self._m_stale = metrics.hot_counter("results_cache_stale_rejections", "Stale entries not served.")
         for counter in (self._m_requests, self._m_hits, self._m_misses, self._m_stale):
             counter.add(0)  # published at 0 from startup, as upstream
         for reason in ("size", "expired", "invalidated"):
