@@ -41,6 +41,25 @@ def yes(_what: str) -> bool:
     return True
 
 
+def files_spicepod(name: str) -> str:
+    """A spicepod of one dataset `t`, the Parquet files of folder `t/`, with no results cache (every
+    query, Flight ones included, runs on the cluster again)."""
+    return f"""\
+version: v1
+kind: Spicepod
+name: {name}
+runtime:
+  caching:
+    sql_results:
+      enabled: false
+datasets:
+  - from: file:t/
+    name: t
+    params:
+      file_format: parquet
+"""
+
+
 def make_pki(directory: Path, *names: str) -> Path:
     """`spice cluster tls init` and one `spice cluster tls add` per name (SANs localhost, 127.0.0.1)."""
     cluster_pki.init(yes, directory)

@@ -38,7 +38,7 @@ import pyarrow.flight as fl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cluster_rig import Cluster, make_pki, run_cluster
+from tests.cluster_rig import Cluster, files_spicepod, make_pki, run_cluster
 from tests.front_health import FrontHealth, front_process
 from tests.jsclient import run_sdk
 from tests.pki import Pki
@@ -47,20 +47,7 @@ from tests.tlsprobe import wait_for
 
 FILES, ROWS_PER_FILE, GROUPS = 8, 25_000, 16
 CALL_TIMEOUT = 20.0  # seconds any one client call may take
-SPICEPOD = """\
-version: v1
-kind: Spicepod
-name: cluster-clients
-runtime:
-  caching:
-    sql_results:
-      enabled: false
-datasets:
-  - from: file:t/
-    name: t
-    params:
-      file_format: parquet
-"""
+SPICEPOD = files_spicepod("cluster-clients")
 GROUP_BY = "SELECT grp, count(*) AS n, sum(amount) AS total FROM t GROUP BY grp ORDER BY grp"
 # DataFusion answers a bare count(*) from the files' statistics, on the scheduler: these read rows.
 AGGREGATE = "SELECT count(*) AS n, count(DISTINCT grp) AS groups, sum(amount) AS total, max(id) AS top FROM t " \

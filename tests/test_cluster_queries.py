@@ -40,6 +40,7 @@ from tests.cluster_rig import (
     cluster_reloads,
     cluster_samples,
     dask_security,
+    files_spicepod,
     issue,
     make_pki,
     node_serial,
@@ -54,21 +55,7 @@ GROUP_BY = "SELECT grp, count(*) AS n, sum(amount) AS total FROM t GROUP BY grp"
 FILTERED = "SELECT id, amount FROM t WHERE id % 7 = 0"  # one stage as a whole: the executors' batches are the rows
 MANY_GROUPS = f"SELECT id % {MANY} AS k, count(*) AS n, sum(amount) AS total FROM t GROUP BY k"  # 1-3 s on 2 cores
 KEYS = {GROUP_BY: "grp", FILTERED: "id", MANY_GROUPS: "k"}
-# No results cache: every query, Flight ones included, runs on the cluster again.
-SPICEPOD = """\
-version: v1
-kind: Spicepod
-name: queries
-runtime:
-  caching:
-    sql_results:
-      enabled: false
-datasets:
-  - from: file:t/
-    name: t
-    params:
-      file_format: parquet
-"""
+SPICEPOD = files_spicepod("queries")
 FAILED = "Failed to execute query: Cluster execution failed"
 
 

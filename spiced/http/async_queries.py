@@ -350,11 +350,7 @@ async def get_results(request: Request, jobs: Jobs) -> Response:
     job_id = _job_id(request)
     if form is not None and form.lower() != "json":
         return json_response({"error": f"Unsupported result format '{form}'. Supported format: json"}, 400)
-    view = jobs.view(job_id, _owner(request))
-    if (refused := _unfinished(view, 425)) is not None:
-        return refused
-    view, chunk = jobs.chunk(job_id, _owner(request), partition)
-    return await _chunk_response(view, chunk)
+    return await _chunk(request, jobs, job_id, partition, running_status=425)
 
 
 async def get_chunk(request: Request, jobs: Jobs) -> Response:
@@ -363,11 +359,15 @@ async def get_chunk(request: Request, jobs: Jobs) -> Response:
         index = _usize(text)
     except ValueError:
         raise Rejected(400, f"Invalid URL: Cannot parse value at index 1 with value `{text}` to a `usize`") from None
-    job_id = _job_id(request)
-    view = jobs.view(job_id, _owner(request))
-    if (refused := _unfinished(view, 409)) is not None:
+    return await _chunk(request, jobs, _job_id(request), index, running_status=409)
+
+
+async def _chunk(request: Request, jobs: Jobs, job_id: str, index: int, *, running_status: int) -> Response:
+    """Chunk `index` of a job's results; `running_status` answers a job not finished yet."""
+    owner = _owner(request)
+    if (refused := _unfinished(jobs.view(job_id, owner), running_status)) is not None:
         return refused
-    view, chunk = jobs.chunk(job_id, _owner(request), index)
+    view, chunk = jobs.chunk(job_id, owner, index)
     return await _chunk_response(view, chunk)
 
 
