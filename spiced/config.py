@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from . import __version__
 from .acceleration import Acceleration, AccelerationError, acceleration
 from .connectors import CONNECTORS
 from .connectors.params import ParamError, check
-from .durations import parse_duration
+from .durations import parse_duration, seconds
 from .errors import ConfigError, TlsConfigError
 from .results_cache import CacheSettings
 from .secrets import SecretResolver, SecretStoreSpec
@@ -175,6 +176,7 @@ class RuntimeConfig:
     verbosity: int = 0
     workdir: Path = field(default_factory=Path.cwd)
     cluster: ClusterSettings | None = None  # a scheduler's node settings
+    async_query_ttl: float = 12 * 3600.0  # how long a scheduler keeps async query results (spiced/jobs.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,6 +625,22 @@ def build_spicepod(file: Path, raw: dict[str, object], spec: SpicepodSpec, workd
     return Spicepod(file, spec.name, spec.version, datasets, tuple(views), raw, ignored)
 
 
+ASYNC_QUERY_TTL_ENV = "SPICED_ASYNC_QUERY_RESULT_TTL"
+
+
+def async_query_ttl(environ: Mapping[str, str]) -> float:
+    """How long a scheduler keeps async query results: upstream's 12 hours, or the duration in
+    SPICED_ASYNC_QUERY_RESULT_TTL (a ConfigError when it is not one)."""
+    text = environ.get(ASYNC_QUERY_TTL_ENV)
+    if text is None:
+        return 12 * 3600.0
+    value = seconds(text)
+    if value is None or value <= 0:
+        raise ConfigError(f"Failed to start Spice runtime: environment variable {ASYNC_QUERY_TTL_ENV}: invalid "
+                          f"duration {text[:100]!r} (expected e.g. 30m, 12h)")
+    return value
+
+
 def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workdir: Path | None = None,
                 environ: Mapping[str, str] | None = None) -> RuntimeConfig:
     """Build a standalone runtime's or a scheduler's config from flags, the spicepod and secrets
@@ -641,6 +659,7 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
     if spec.runtime.query and spec.runtime.query.timeout:
         timeout = parse_duration(spec.runtime.query.timeout, "runtime.query.timeout", file)
     cache = results_cache_settings(spec.runtime, file)
+    environ = os.environ if environ is None else environ
     return RuntimeConfig(
         spicepod=pod,
         http_addr=args.http or ("127.0.0.1", 8090),
@@ -655,6 +674,7 @@ def load_config(argv: Sequence[str] | argparse.Namespace | None = None, *, workd
         verbosity=2 if args.very_verbose else args.verbose,
         workdir=workdir,
         cluster=cluster,
+        async_query_ttl=async_query_ttl(environ),
     )
 
 

@@ -14,7 +14,7 @@ Arrow IPC stream (upstream's `ARROW_IPC` manifest format); their bytes count aga
 this runtime holds for all jobs together. A result over either fails the job.
 
 Every finished job is kept for the retention time (upstream's 12 hours; the environment variable
-`SPICED_ASYNC_QUERY_RESULT_TTL`, a duration such as `30m`, changes it), then its results are
+`SPICED_ASYNC_QUERY_RESULT_TTL`, a duration such as `30m`, changes it: spiced.config), then its results are
 dropped and it answers "expired" for as long again before it is forgotten (404). Upstream expires
 only succeeded jobs; here failed and cancelled ones expire too, so memory stays bounded. At most
 `MAX_JOBS` jobs are held; past that a submission is refused until some expire.
@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pyarrow as pa
 from pyarrow import ipc
 
-from .durations import seconds
 from .engine import Engine, Params
 from .errors import QueryError
 from .interrupt import WATCHDOG, Stopper
@@ -55,7 +53,6 @@ JobErrorCode = Literal["SCHEDULER_UNAVAILABLE", "SUBMISSION_FAILED", "EXECUTION_
                        "CANCELLED", "PARAMETER_BINDING_FAILED", "NOT_FOUND", "INTERNAL", "TIMEOUT"]
 
 DEFAULT_RESULT_TTL = 12 * 3600.0  # seconds, upstream's (matching Databricks)
-RESULT_TTL_ENV = "SPICED_ASYNC_QUERY_RESULT_TTL"
 CHUNK_ROWS = 10_000  # upstream's DEFAULT_CHUNK_SIZE
 DEFAULT_MAXIMUM_SIZE = 256 * 1024 * 1024  # bytes of one job's result when the request sets no maximum_size
 RESULTS_BUDGET = 1024 * 1024 * 1024  # bytes of results held for all jobs together
@@ -202,18 +199,6 @@ class _Job:
         return self.expires_at_ms is not None and now >= self.expires_at_ms
 
 
-def result_ttl_from(environ: Mapping[str, str]) -> float:
-    text = environ.get(RESULT_TTL_ENV)
-    if text is None:
-        return DEFAULT_RESULT_TTL
-    value = seconds(text)
-    if value is None:
-        log.warning("%s=%r is not a duration (e.g. 30m, 12h); async query results are kept for 12h",
-                    RESULT_TTL_ENV, text[:100])
-        return DEFAULT_RESULT_TTL
-    return value
-
-
 class Jobs:
     """The jobs of one scheduler. Thread-safe: HTTP handlers call it from the event loop (every
     method returns at once), jobs run on its pool, expiry runs on a thread of its own."""
@@ -233,10 +218,6 @@ class Jobs:
         self._stop_sweeping = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="async-query-expiry", daemon=True)
         self._sweeper.start()
-
-    @classmethod
-    def from_env(cls, engine: Engine, environ: Mapping[str, str] = os.environ) -> Jobs:
-        return cls(engine, result_ttl=result_ttl_from(environ))
 
     # ------------------------------------------------------------------ the API's operations
 

@@ -182,7 +182,7 @@ class Runtime:
             return None
         from .jobs import Jobs
 
-        self._jobs = Jobs.from_env(self.state.engine)
+        self._jobs = Jobs(self.state.engine, result_ttl=self.config.async_query_ttl)
         return self._jobs
 
     def _listening(self, name: str, address: str, logger: str, label: str) -> None:

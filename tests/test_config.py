@@ -225,3 +225,14 @@ def test_set_runtime_override(tmp_path: Path) -> None:
     assert c.query_timeout == 2.0
     with pytest.raises(ConfigError, match="Invalid set format. Use key=value"):
         load_config(["--set-runtime", "nonsense"], workdir=tmp_path, environ={})
+
+
+def test_async_query_retention_from_the_environment(tmp_path: Path) -> None:
+    write_pod(tmp_path)
+    assert load_config([], workdir=tmp_path, environ={}).async_query_ttl == 12 * 3600
+    assert load_config([], workdir=tmp_path, environ={"SPICED_ASYNC_QUERY_RESULT_TTL": "30m"}).async_query_ttl == 1800
+    with pytest.raises(ConfigError, match="SPICED_ASYNC_QUERY_RESULT_TTL: invalid duration 'soon'"):
+        load_config([], workdir=tmp_path, environ={"SPICED_ASYNC_QUERY_RESULT_TTL": "soon"})
+    failed = spiced_fails(tmp_path, env={"SPICED_ASYNC_QUERY_RESULT_TTL": "0s"})
+    assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
+    assert "SPICED_ASYNC_QUERY_RESULT_TTL: invalid duration '0s' (expected e.g. 30m, 12h)" in failed.stderr
