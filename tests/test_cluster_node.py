@@ -85,3 +85,24 @@ def test_a_taken_node_port_is_refused(loop: LoopThread, tmp_path: Path) -> None:
             loop.call(start_scheduler(settings, None, lambda: spicepod, tmp_path), timeout=30)
     assert str(e.value) == ("Unable to start Spice Runtime servers: Unable to start cluster server: Unable to bind "
                             "to address: Address already in use (os error 98)")
+
+
+def test_an_executor_shutting_down_drops_only_dasks_heartbeat_failure() -> None:
+    """The filter an executor puts on `distributed.worker` when it closes matches what this Dask logs
+    for a heartbeat cut by the close, and nothing else."""
+    import inspect
+    import logging
+
+    from distributed.worker import Worker
+
+    from spiced.cluster.executor import _not_heartbeat_failure
+
+    logged = [line.strip() for line in inspect.getsource(Worker.heartbeat).splitlines() if "logger.exception(" in line]
+    heartbeat = next(line for line in logged if "during heartbeat" in line)
+    message = heartbeat.split('"')[1]
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0, msg, None, None)
+
+    assert not _not_heartbeat_failure(record(message))
+    assert _not_heartbeat_failure(record("Unexpected exception during heartbeat. Closing worker."))

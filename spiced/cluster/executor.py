@@ -245,6 +245,9 @@ class ExecutorRuntime:
         deadline = time.monotonic() + DRAIN_SECONDS
         worker = self._worker
         if worker is not None:
+            # A heartbeat in flight when the close shuts the worker's connections fails, and Dask
+            # logs that as an ERROR with a traceback: on our own shutdown it is not one.
+            logging.getLogger("distributed.worker").addFilter(_not_heartbeat_failure)
             with suppress(Exception):
                 await asyncio.wait_for(worker.close(reason="spiced shutdown"), DRAIN_SECONDS)
         joining.cancel()
@@ -256,6 +259,10 @@ class ExecutorRuntime:
             _, late = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0.1))
             for t in late:
                 t.cancel()
+
+
+def _not_heartbeat_failure(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def _listen_address(settings: ClusterSettings) -> tuple[str, int, str | None]:
