@@ -7,11 +7,11 @@ scheduler's object store:
 
 A job runs on a worker thread of its own pool (`MAX_RUNNING` at once, the rest wait as PENDING)
 through the same `Engine.execute` as `POST /v1/sql`, so on a scheduler it is distributed to the
-executors exactly like a synchronous query; its `Stopper` is how a cancel, a `timeout_seconds` or
-the runtime's shutdown end it. Its rows are cut into chunks of `CHUNK_ROWS` rows, each kept as an
-Arrow IPC stream (upstream's `ARROW_IPC` manifest format); their bytes count against the job's
-`maximum_size` (`DEFAULT_MAXIMUM_SIZE` when none is given) and against `RESULTS_BUDGET`, the most
-this runtime holds for all jobs together. A result over either fails the job.
+executors exactly like a synchronous query; `timeout_seconds` is that query's time limit, and its
+`Stopper` is how a cancel or the runtime's shutdown end it. Its rows are cut into chunks of
+`CHUNK_ROWS` rows, each kept as an Arrow IPC stream (upstream's `ARROW_IPC` manifest format);
+their bytes count against the job's `maximum_size` (`DEFAULT_MAXIMUM_SIZE` when none is given) and
+against `RESULTS_BUDGET`, the most this runtime holds for all jobs together. A result over either fails the job.
 
 Every finished job is kept for the retention time (upstream's 12 hours; the environment variable
 `SPICED_ASYNC_QUERY_RESULT_TTL`, a duration such as `30m`, changes it: spiced.config), then its results are
@@ -41,7 +41,7 @@ from pyarrow import ipc
 
 from .engine import Engine, Params
 from .errors import QueryError
-from .interrupt import WATCHDOG, Stopper
+from .interrupt import Stopper
 from .queries import uuid7
 from .results_cache import CacheRequest
 
@@ -310,9 +310,6 @@ class Jobs:
         if spec.params_error is not None:
             return JobError("PARAMETER_BINDING_FAILED", spec.params_error)
         timeout = float(spec.timeout_seconds) if spec.timeout_seconds else None
-        # Past the time limit the job is stopped wherever it is, writing chunks included.
-        alarm = None if timeout is None else WATCHDOG.arm(time.monotonic() + timeout, job.stopper,
-                                                          QueryError(TIMED_OUT, kind="timeout"))
         writer: _ChunkWriter | None = None
         try:
             stream = self._engine.execute(spec.sql, timeout, spec.params, job.stopper, spec.cache)
@@ -331,9 +328,6 @@ class Jobs:
             return _failure(e, fetching=writer is not None and writer.started)
         except _TooLarge as e:
             return JobError("FETCHING_RESULTS_FAILED", str(e))
-        finally:
-            if alarm is not None:
-                WATCHDOG.disarm(alarm)
 
     def _end(self, job: _Job, status: JobStatus, message: str | None = None, *, result: JobResult | None = None,
              error: JobError | None = None) -> None:
