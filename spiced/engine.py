@@ -166,16 +166,11 @@ class Engine:
         deadline = Deadline(timeout, self._loop.get()) if timeout is not None else None
         version = self.catalog_version  # before planning: a plan made while it changes is never reused
         if self.cache is not None and cache is not None and (known := self._known_hit(version, sql, params, cache)):
-            schema, status, entry = known
-            result = QueryStream(schema, iter(entry.batches), deadline, stopper)
-            result.cache_status = status
-            return result
+            return _from_cache(*known, deadline, stopper)
         df = self.plan(sql, params)
         cached = self._cached(version, df, sql, params, cache) if self.cache is not None and cache is not None else None
         if cached is not None and cached.hit is not None:
-            result = QueryStream(df.schema(), iter(cached.hit.batches), deadline, stopper)
-            result.cache_status = cached.status
-            return result
+            return _from_cache(df.schema(), cached.status, cached.hit, deadline, stopper)
         result = self._run(df, sql, params, deadline, stopper)
         if cached is not None:
             result.cache_status = cached.status
@@ -316,6 +311,13 @@ class _Cached:
     hit: Entry | None
     store: Callable[[list[pa.RecordBatch]], None]
     limit: int  # bytes: a larger result is not kept
+
+
+def _from_cache(schema: pa.Schema, status: CacheStatus, entry: Entry, deadline: Deadline | None,
+                stopper: Stopper) -> QueryStream:
+    result = QueryStream(schema, iter(entry.batches), deadline, stopper)
+    result.cache_status = status
+    return result
 
 
 def _as_query_error(start: Callable[[], T]) -> T:

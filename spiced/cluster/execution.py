@@ -206,14 +206,14 @@ class DistributedQuery:
         finally:
             self._release()
         if self._closed:
-            raise QueryError("Cluster execution: the query was cancelled", kind="cancelled")
+            raise _cancelled()
 
     def _next_done(self, done: queue.SimpleQueue[Future[pa.Table | None]]) -> Future[pa.Table | None]:
         """The next task to finish (in short waits, for interrupts), watching that executors remain."""
         alone_since: float | None = None
         while True:
             if self._closed:
-                raise QueryError("Cluster execution: the query was cancelled", kind="cancelled")
+                raise _cancelled()
             try:
                 return done.get(timeout=0.5)
             except queue.Empty:
@@ -233,7 +233,7 @@ class DistributedQuery:
         finally:
             self._release()
         if self._closed:
-            raise QueryError("Cluster execution: the query was cancelled", kind="cancelled")
+            raise _cancelled()
         self.stats.bytes_received = sum(t.nbytes for t in tables if t is not None)
         results, start = [], 0
         for stage in self.split.stages:
@@ -267,6 +267,10 @@ class DistributedQuery:
         if time.monotonic() - alone_since > self.executor.no_executors_grace:
             raise QueryError("Cluster execution failed: no executor is left in the cluster", kind="unavailable")
         return alone_since
+
+
+def _cancelled() -> QueryError:
+    return QueryError("Cluster execution: the query was cancelled", kind="cancelled")
 
 
 def _query_error(e: Exception) -> QueryError:
